@@ -1,0 +1,273 @@
+"""Decoder-only transformer of the Qwen2 / Llama family, in flax.linen.
+
+RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP. Every
+parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `norm`) that `psgpo_jax.sharding` maps onto a device mesh.
+
+One code path serves the full-sequence forward and incremental decoding: attention reads
+keys/values from a cache of `S` slots (`S = T` without a cache). Which slots a query may
+see is given by `kv_mask` [B, S] (slots that hold real tokens) and causality in slot
+order; positions are explicit, so left padding gives the same logits as no padding.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from psgpo_jax.models.config import ModelConfig
+
+Array = jax.Array
+LayerCache = Tuple[Array, Array]           # keys, values: [B, S, KV, Dh] each
+KVCache = Tuple[LayerCache, ...]           # one per layer
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype) -> Array:
+  """Creates a parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _normal(cfg: ModelConfig):
+  return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm, statistics in float32 (as Hugging Face)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [..., D] -> [..., D] in the compute dtype."""
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",),
+                   self.cfg.storage_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(self.cfg.compute_dtype) * x32.astype(self.cfg.compute_dtype)
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
+  """Applies rotary position embeddings (Hugging Face's rotate-half layout).
+
+  Args:
+    x: [B, T, N, Dh] queries or keys.
+    positions: [B, T] integer positions.
+    theta: the RoPE base (`rope_theta`).
+  Returns:
+    [B, T, N, Dh], same dtype as `x`.
+  """
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]   # [B,T,Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]             # [B,T,1,Dh]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(kv_mask: Array, cache_index: Array, num_queries: int) -> Array:
+  """Which cache slots each query may attend to.
+
+  Args:
+    kv_mask: [B, S] 1 where the slot holds a real token (including the new ones).
+    cache_index: scalar, the slot of the first query.
+    num_queries: T.
+  Returns:
+    [B, T, S] bool: slot s is visible from query t iff s <= cache_index + t and
+    kv_mask[b, s].
+  """
+  query_slot = cache_index + jnp.arange(num_queries)[:, None]
+  key_slot = jnp.arange(kv_mask.shape[1])[None, :]
+  causal = key_slot <= query_slot                                      # [T, S]
+  return causal[None] & kv_mask[:, None, :].astype(bool)
+
+
+class HeadProjection(nn.Module):
+  """x [B,T,D] -> [B,T,N,Dh]: the q, k or v projection (optionally biased)."""
+  cfg: ModelConfig
+  num_heads: int
+  head_axis: str          # "heads" or "kv_heads"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    shape = (cfg.hidden_size, self.num_heads, cfg.kv_head_dim)
+    kernel = _param(self, "kernel", _normal(cfg), shape, ("embed", self.head_axis, "head_dim"),
+                    cfg.storage_dtype)
+    y = jnp.einsum("btd,dnh->btnh", x, kernel.astype(cfg.compute_dtype))
+    if cfg.attention_bias:
+      bias = _param(self, "bias", nn.initializers.zeros, shape[1:], (self.head_axis, "head_dim"),
+                    cfg.storage_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
+class OutProjection(nn.Module):
+  """[B,T,H,Dh] -> [B,T,D]: the attention output projection (no bias)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    kernel = _param(self, "kernel", _normal(cfg),
+                    (cfg.num_attention_heads, cfg.kv_head_dim, cfg.hidden_size),
+                    ("heads", "head_dim", "embed"), cfg.storage_dtype)
+    return jnp.einsum("btnh,nhd->btd", x, kernel.astype(cfg.compute_dtype))
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention reading and writing a KV cache."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: Optional[LayerCache], cache_index: Array
+               ) -> Tuple[Array, Optional[LayerCache]]:
+    """Attention over the cache slots.
+
+    Args:
+      x: [B, T, D] hidden states of the new tokens.
+      positions: [B, T] their positions.
+      mask: [B, T, S] bool, from `attention_mask`.
+      cache: None (then S = T) or (keys, values), each [B, S, KV, Dh].
+      cache_index: scalar slot where the new tokens' keys/values are written.
+    Returns:
+      ([B, T, D], the updated cache or None).
+    """
+    cfg = self.cfg
+    h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim
+    dt = cfg.compute_dtype
+    q = HeadProjection(cfg, h, "heads", name="q_proj")(x)
+    k = HeadProjection(cfg, kv, "kv_heads", name="k_proj")(x)
+    v = HeadProjection(cfg, kv, "kv_heads", name="v_proj")(x)
+    q = rotary_embedding(q, positions, cfg.rope_theta)
+    k = rotary_embedding(k, positions, cfg.rope_theta)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
+      cache = (k, v)
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, kv, h // kv, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
+                        preferred_element_type=jnp.float32) * (dh ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
+    return OutProjection(cfg, name="o_proj")(out), cache
+
+
+class Dense(nn.Module):
+  """A bias-free linear map [..., in] -> [..., features] with logical axis names."""
+  cfg: ModelConfig
+  features: int
+  axes: Tuple[str, str]
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    kernel = _param(self, "kernel", _normal(cfg), (x.shape[-1], self.features), self.axes,
+                    cfg.storage_dtype)
+    return jnp.dot(x, kernel.astype(cfg.compute_dtype))
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B,T,D] -> [B,T,D]."""
+    cfg = self.cfg
+    gate = Dense(cfg, cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x)
+    up = Dense(cfg, cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x)
+    return Dense(cfg, cfg.hidden_size, ("mlp", "embed"), name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, cache_index):
+    """x: [B,T,D] -> ([B,T,D], updated layer cache or None)."""
+    attn_out, cache = Attention(self.cfg, name="self_attn")(
+        RMSNorm(self.cfg, name="input_layernorm")(x), positions, mask, cache, cache_index)
+    x = x + attn_out
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+    return x, cache
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, D]; `attend` gives tied output logits."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = _param(self, "embedding", _normal(cfg), (cfg.vocab_size, cfg.hidden_size),
+                            ("vocab", "embed"), cfg.storage_dtype)
+
+  def __call__(self, tokens: Array) -> Array:
+    """tokens: [B,T] int -> [B,T,D]."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+
+  def attend(self, x: Array) -> Array:
+    """x: [B,T,D] -> logits [B,T,V]."""
+    return jnp.dot(x, self.embedding.astype(self.cfg.compute_dtype).T)
+
+
+def default_positions(attention_mask: Array) -> Array:
+  """Positions that make left padding invisible: [B,T] mask -> [B,T] int32 positions."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nn.Module):
+  """The decoder stack, without an output head.
+
+  `__call__` returns the final normed hidden states; the heads (`heads.py`) map them
+  to token logits or to one scalar per token.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    layer_cls = nn.remat(DecoderLayer) if self.cfg.remat else DecoderLayer
+    self.embed_tokens = Embed(self.cfg)
+    self.layers = [layer_cls(self.cfg) for _ in range(self.cfg.num_hidden_layers)]
+    self.norm = RMSNorm(self.cfg)
+
+  def __call__(self, tokens: Array, kv_mask: Array, positions: Array,
+               cache: Optional[KVCache] = None, cache_index: Array | int = 0
+               ) -> Tuple[Array, Optional[KVCache]]:
+    """Runs the stack over new tokens.
+
+    Args:
+      tokens: [B, T] int token ids.
+      kv_mask: [B, S] 1 where a slot holds a real token; S = T without a cache.
+      positions: [B, T] int positions of the new tokens.
+      cache: None, or the per-layer (keys, values) of `init_cache`.
+      cache_index: scalar slot of the first new token in the cache.
+    Returns:
+      hidden: [B, T, D] in the compute dtype; the updated cache (None without one).
+    """
+    x = self.embed_tokens(tokens)
+    mask = attention_mask(kv_mask, cache_index, tokens.shape[1])
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      new_cache.append(layer_cache)
+    return self.norm(x), (None if cache is None else tuple(new_cache))
+
+  def attend(self, x: Array) -> Array:
+    """Tied output logits: [B,T,D] -> [B,T,V]."""
+    return self.embed_tokens.attend(x)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+  """Zeros for every layer's keys and values: each [B, S, KV, Dh]."""
+  shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.kv_head_dim)
+  dtype = dtype or cfg.compute_dtype
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+               for _ in range(cfg.num_hidden_layers))
