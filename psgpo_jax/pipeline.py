@@ -1,0 +1,96 @@
+"""The PSGPO pipeline: stages sft -> baseline -> collect -> prm -> rl -> eval.
+
+Each stage writes into `<workdir>/<stage>/` and finishes by writing `result.json`; a stage
+whose `result.json` exists is skipped, so re-running a command continues a run. The
+summary of all stages (seconds and key metrics) goes to `<workdir>/summary.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Dict
+
+import ml_collections
+
+from psgpo_jax.configuration import stage_list, validate_config
+
+StageFn = Callable[[ml_collections.ConfigDict, "RunContext"], Dict[str, Any]]
+STAGE_FNS: Dict[str, StageFn] = {}
+
+
+def stage(name: str):
+  """Registers a stage function under `name`."""
+  def register(fn: StageFn) -> StageFn:
+    STAGE_FNS[name] = fn
+    return fn
+  return register
+
+
+class RunContext:
+  """Paths of a run; stages add what they build (tokenizer, problems, params) lazily."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.workdir = os.path.abspath(config.workdir)
+    self.results: Dict[str, Dict[str, Any]] = {}
+
+  def stage_dir(self, name: str) -> str:
+    path = os.path.join(self.workdir, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _result_path(ctx: RunContext, name: str) -> str:
+  return os.path.join(ctx.workdir, name, "result.json")
+
+
+def _write_json(path: str, value: Any) -> None:
+  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def run(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Validates `config`, runs its stages in order, writes and prints the summary."""
+  validate_config(config)
+  ctx = RunContext(config)
+  os.makedirs(ctx.workdir, exist_ok=True)
+  with open(os.path.join(ctx.workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  summary: Dict[str, Any] = {}
+  for name in stage_list(config):
+    if name not in STAGE_FNS:
+      raise NotImplementedError(f"Stage '{name}' is not available in this version; "
+                                f"available: {sorted(STAGE_FNS)}.")
+    path = _result_path(ctx, name)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        ctx.results[name] = json.load(f)
+      print(f"[{name}] output exists in {os.path.dirname(path)}: skipped")
+    else:
+      print(f"[{name}] running")
+      start = time.time()
+      result = STAGE_FNS[name](config, ctx)
+      result["seconds"] = round(time.time() - start, 1)
+      ctx.stage_dir(name)
+      _write_json(path, result)
+      ctx.results[name] = result
+    summary[name] = ctx.results[name]
+  _write_json(os.path.join(ctx.workdir, "summary.json"), summary)
+  print(format_summary(summary))
+  return summary
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+  """A plain-text table: one row per stage, its seconds and scalar metrics."""
+  lines = ["stage      seconds  metrics"]
+  for name, result in summary.items():
+    scalars = {k: v for k, v in result.items()
+               if k != "seconds" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in sorted(scalars.items()))
+    lines.append(f"{name:<10} {result.get('seconds', 0):>7}  {shown}")
+  return "\n".join(lines)
