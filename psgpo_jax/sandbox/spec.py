@@ -37,14 +37,19 @@ class StdioTests:
 class CallTests:
   """Call-based tests (LiveCodeBench functional, LeetCode style).
 
-  Each case is `(inputs_json, expected_json)`: `inputs_json` is a JSON list of
-  positional arguments, or one JSON value per line as LiveCodeBench writes them.
-  The callee is `fn_name`, or the method `fn_name` of a fresh `class_name()` instance
-  (LeetCode's `Solution`) when `class_name` is given.
+  Each case is `(inputs_json, expected_json)`. `arg_format` says how `inputs_json`
+  encodes the positional arguments: `"lines"` (default, as LiveCodeBench writes them)
+  is one JSON value per line, one line per argument, so a one-line input is ONE
+  argument; `"list"` is a single JSON list of all positional arguments (APPS
+  call-based). The callee is `fn_name`, or the method `fn_name` of a fresh
+  `class_name()` instance (LeetCode's `Solution`) when `class_name` is given. The
+  return value (tuples read as lists) must equal the decoded `expected_json`, floats
+  within a relative 1e-6.
   """
   fn_name: str
   cases: Tuple[Tuple[str, str], ...]
   class_name: Optional[str] = None
+  arg_format: str = "lines"     # "lines" | "list"
 
 
 TestSpec = Union[AssertTests, StdioTests, CallTests]
