@@ -1,0 +1,424 @@
+"""Token-level rewards: outcome + dense PRM line rewards (with safeguards) - KL penalty.
+
+All arrays are `[B, T]` over the padded sequence, aligned as in `psgpo_jax.rl.gae`:
+position `t` is the action that emits `tokens[:, t]`, so the reward for a token sits at
+that token's position, the same position as its log-probability, value and advantage.
+
+  * outcome: at the last response token (the last position where `response_mask` is 1);
+  * dense PRM: at every counted line end, i.e. the token that completes line m, where
+    `prm_scores[:, t]` is the PRM's output at position t (it has seen tokens <= t, hence
+    the prefix y<=m);
+  * KL: at every response token, `-kl_coef * kl(logp_t, ref_logp_t)`.
+
+Dense reward of line m (PSGPO, Dai et al. 2024), before the optional safeguards:
+
+    d_m = lambda * s_m / N,   lambda = dense_coef_pass if the response passed else
+                                       dense_coef_fail,
+    s_m = PRM(x, y<=m)                         (shaping = "none")
+        = PRM(x, y<=m) - PRM(x, y<=m')         (shaping = "potential"; m' the previous
+                                                counted line, PRM before line 1 =
+                                                shaping_baseline; sums telescope),
+    N   = number of counted lines (normalize_by_lines), else 1.
+
+Counted lines are the response's line ends, minus blank/comment-only lines when
+`skip_trivial_lines`. Then `penalty_only` clips d_m to <= 0, and `credit = "min"`
+(PURE, arXiv 2504.15275) replaces the sum form by the min form: with
+q_m = min_{k >= m} d_k (suffix minimum over counted lines, q_{M+1} = 0), line m earns
+
+    d'_m = q_m - q_{m+1},   so that   sum_{k >= m} d'_k = q_m = min_{k >= m} d_k,
+
+i.e. the undiscounted dense return-to-go from line m is the minimum of the remaining
+weighted PRM rewards rather than their sum. Every d'_m with m < M is <= 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+OUTCOMES = ("binary", "fraction")
+CREDITS = ("sum", "min")
+SHAPINGS = ("none", "potential")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """Reward weights and safeguards (the `rl.reward` config section).
+
+  Attributes:
+    outcome: "binary" (pass/fail) or "fraction" (failing responses earn the share of
+      tests passed, interpolated between fail_reward and pass_reward).
+    pass_reward: outcome reward of a response that passes all tests.
+    fail_reward: outcome reward of a failing response (0 or -1).
+    dense_coef_fail: lambda of the dense PRM reward for failing responses.
+    dense_coef_pass: lambda of the dense PRM reward for passing responses.
+    normalize_by_lines: divide dense rewards by the number of counted lines.
+    skip_trivial_lines: no dense reward on blank/comment-only lines (not counted).
+    penalty_only: clip dense rewards to <= 0.
+    credit: "sum" (rewards add up) or "min" (PURE min-form return-to-go).
+    shaping: "none" or "potential" (line earns PRM(after) - PRM(before)).
+    shaping_baseline: PRM value before the first line, for potential shaping.
+    kl_coef: (initial) coefficient of the per-token KL penalty.
+    kl_estimator: "k1" (logp - ref) or "k3" (exp(ref - logp) - (ref - logp) - 1).
+    adaptive_kl: adapt kl_coef towards kl_target (Ziegler et al. 2019).
+    kl_target: target of the mean per-token KL for the adaptive controller.
+    kl_horizon: horizon (in samples) of the adaptive controller.
+  """
+  outcome: str = "binary"
+  pass_reward: float = 1.0
+  fail_reward: float = 0.0
+  dense_coef_fail: float = 0.25
+  dense_coef_pass: float = 0.025
+  normalize_by_lines: bool = True
+  skip_trivial_lines: bool = True
+  penalty_only: bool = False
+  credit: str = "sum"
+  shaping: str = "none"
+  shaping_baseline: float = 0.0
+  kl_coef: float = 0.02
+  kl_estimator: str = "k1"
+  adaptive_kl: bool = False
+  kl_target: float = 0.05
+  kl_horizon: int = 1000
+
+  def __post_init__(self):
+    for name, choices in (("outcome", OUTCOMES), ("credit", CREDITS), ("shaping", SHAPINGS),
+                          ("kl_estimator", KL_ESTIMATORS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"rl.reward.{name}={getattr(self, name)!r}; choose one of {choices}.")
+    if self.kl_coef < 0:
+      raise ValueError(f"rl.reward.kl_coef={self.kl_coef} must be >= 0.")
+    if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
+      raise ValueError(f"rl.reward.adaptive_kl needs kl_target > 0 and kl_horizon > 0, got "
+                       f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon}.")
+
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any]) -> "RewardConfig":
+    """Builds the config from a mapping such as the ConfigDict `config.rl.reward`."""
+    values = dict(section)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown rl.reward field(s) {unknown}; known fields: {sorted(known)}.")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------
+# Masks.
+
+
+def last_token_mask(mask: Array) -> Array:
+  """One-hot of the last position where `mask` is 1 (all zeros for an empty row).
+
+  Args:
+    mask: [B, T] bool/int.
+  Returns:
+    [B, T] bool.
+  """
+  mask = jnp.asarray(mask).astype(bool)
+  length = mask.shape[1]
+  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)                       # [B]
+  onehot = jnp.arange(length)[None, :] == last[:, None]
+  return onehot & jnp.any(mask, axis=1, keepdims=True)
+
+
+def counted_line_mask(line_end_mask: Array, response_mask: Array,
+                      trivial_line_mask: Optional[Array], skip_trivial_lines: bool) -> Array:
+  """Line ends that earn a dense reward.
+
+  Args:
+    line_end_mask: [B, T], 1 at the last token of each line.
+    response_mask: [B, T], 1 on response tokens (line ends elsewhere are ignored).
+    trivial_line_mask: [B, T] or None, 1 at line ends of blank/comment-only lines.
+    skip_trivial_lines: drop trivial lines.
+  Returns:
+    [B, T] bool.
+  """
+  lines = jnp.asarray(line_end_mask).astype(bool) & jnp.asarray(response_mask).astype(bool)
+  if skip_trivial_lines and trivial_line_mask is not None:
+    lines = lines & ~jnp.asarray(trivial_line_mask).astype(bool)
+  return lines
+
+
+# ---------------------------------------------------------------------------------------
+# Outcome.
+
+
+def outcome_rewards(passed: Array, response_mask: Array, config: RewardConfig,
+                    pass_fraction: Optional[Array] = None) -> Array:
+  """Outcome reward placed at the last response token.
+
+    binary:   R = pass_reward if passed else fail_reward
+    fraction: R = pass_reward if passed else fail_reward + (pass_reward - fail_reward) * f
+              (f = share of tests passed; with the defaults 1/0, R = f)
+
+  Args:
+    passed: [B] bool, all tests passed.
+    response_mask: [B, T].
+    config: RewardConfig.
+    pass_fraction: [B] float in [0, 1]; required for outcome="fraction".
+  Returns:
+    [B, T] float32, non-zero only at each row's last response token.
+  """
+  passed = jnp.asarray(passed).astype(bool)
+  if config.outcome == "binary":
+    fail = jnp.full(passed.shape, config.fail_reward, jnp.float32)
+  else:
+    if pass_fraction is None:
+      raise ValueError("rl.reward.outcome='fraction' needs pass_fraction (tests passed / total).")
+    frac = jnp.asarray(pass_fraction, jnp.float32)
+    fail = config.fail_reward + (config.pass_reward - config.fail_reward) * frac
+  outcome = jnp.where(passed, jnp.float32(config.pass_reward), fail)
+  return jnp.where(last_token_mask(response_mask), outcome[:, None], 0.0).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Dense PRM rewards.
+
+
+def _previous_score(scores: Array, lines: Array, baseline: float) -> Array:
+  """At every position t, the score at the last line end strictly before t (or baseline)."""
+  length = scores.shape[1]
+  idx = jnp.where(lines, jnp.arange(length)[None, :], -1)
+  last_upto = jax.lax.cummax(idx, axis=1)                                       # <= t
+  prev = jnp.pad(last_upto[:, :-1], ((0, 0), (1, 0)), constant_values=-1)       # < t
+  gathered = jnp.take_along_axis(scores, jnp.maximum(prev, 0), axis=1)
+  return jnp.where(prev >= 0, gathered, jnp.float32(baseline))
+
+
+def min_form_credit(line_rewards: Array, lines: Array) -> Array:
+  """PURE min-form: re-places rewards so the return-to-go is a suffix minimum.
+
+    q_m = min_{k >= m} d_k (over lines),   q_{M+1} = 0,   d'_m = q_m - q_{m+1}
+    => sum_{k >= m} d'_k = min_{k >= m} d_k.
+
+  Args:
+    line_rewards: [B, T] float, d at line positions (ignored elsewhere).
+    lines: [B, T] bool, the line positions.
+  Returns:
+    [B, T] float32, d' at line positions, 0 elsewhere.
+  """
+  x = jnp.where(lines, line_rewards, jnp.inf)
+  suffix_min = jax.lax.cummin(x, axis=1, reverse=True)                          # q at >= t
+  after = jnp.pad(suffix_min[:, 1:], ((0, 0), (0, 1)), constant_values=jnp.inf)  # q at > t
+  after = jnp.where(jnp.isinf(after), 0.0, after)
+  return jnp.where(lines, suffix_min - after, 0.0).astype(jnp.float32)
+
+
+def dense_rewards(prm_scores: Array, passed: Array, line_end_mask: Array,
+                  response_mask: Array, config: RewardConfig,
+                  trivial_line_mask: Optional[Array] = None) -> Array:
+  """Dense PRM reward at each counted line end (formulas in the module docstring).
+
+  Args:
+    prm_scores: [B, T] float, the PRM's output at each position (read at line ends).
+    passed: [B] bool.
+    line_end_mask: [B, T], 1 at the last token of each line.
+    response_mask: [B, T].
+    config: RewardConfig.
+    trivial_line_mask: [B, T] or None, 1 at line ends of blank/comment-only lines.
+  Returns:
+    [B, T] float32, non-zero only at counted line ends.
+  """
+  scores = jnp.asarray(prm_scores, jnp.float32)
+  lines = counted_line_mask(line_end_mask, response_mask, trivial_line_mask,
+                            config.skip_trivial_lines)
+  coef = jnp.where(jnp.asarray(passed).astype(bool), jnp.float32(config.dense_coef_pass),
+                   jnp.float32(config.dense_coef_fail))                          # [B]
+  if config.normalize_by_lines:
+    coef = coef / jnp.maximum(jnp.sum(lines, axis=1), 1).astype(jnp.float32)
+  if config.shaping == "potential":
+    scores = scores - _previous_score(scores, lines, config.shaping_baseline)
+  line_rewards = coef[:, None] * scores
+  if config.penalty_only:
+    line_rewards = jnp.minimum(line_rewards, 0.0)
+  if config.credit == "min":
+    return min_form_credit(line_rewards, lines)
+  return jnp.where(lines, line_rewards, 0.0).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# KL penalty and its coefficient.
+
+
+def kl_estimate(logprobs: Array, ref_logprobs: Array, estimator: str = "k1") -> Array:
+  """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, 2020).
+
+    k1 = logp - ref_logp                                   (unbiased, can be negative)
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1      (unbiased, >= 0)
+
+  Args:
+    logprobs: [B, T] float, log pi of the sampled tokens.
+    ref_logprobs: [B, T] float, log pi_ref of the same tokens.
+    estimator: "k1" or "k3".
+  Returns:
+    [B, T] float32 (unmasked).
+  """
+  logprobs = jnp.asarray(logprobs, jnp.float32)
+  ref_logprobs = jnp.asarray(ref_logprobs, jnp.float32)
+  if estimator == "k1":
+    return logprobs - ref_logprobs
+  if estimator == "k3":
+    log_ratio = ref_logprobs - logprobs
+    return jnp.expm1(log_ratio) - log_ratio
+  raise ValueError(f"kl_estimator={estimator!r}; choose one of {KL_ESTIMATORS}.")
+
+
+def update_kl_coef(coef: Array, observed_kl: Array, n_steps: int, target: float,
+                   horizon: float) -> Array:
+  """Adaptive KL coefficient (Ziegler et al. 2019, proportional controller).
+
+    e = clip(observed_kl / target - 1, -0.2, 0.2)
+    coef <- coef * (1 + e * n_steps / horizon)
+
+  Args:
+    coef: scalar, current coefficient.
+    observed_kl: scalar, KL measured on the latest batch.
+    n_steps: samples seen since the last update (e.g. the batch size).
+    target: KL target.
+    horizon: controller horizon (in samples).
+  Returns:
+    scalar float32, the new coefficient.
+  """
+  error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
+  return jnp.asarray(coef, jnp.float32) * (1.0 + error * n_steps / horizon)
+
+
+@flax.struct.dataclass
+class FixedKLController:
+  """A constant KL coefficient; `update` returns the controller unchanged."""
+  value: Array
+
+  def update(self, observed_kl: Array, n_steps: int) -> "FixedKLController":
+    del observed_kl, n_steps
+    return self
+
+
+@flax.struct.dataclass
+class AdaptiveKLController:
+  """Ziegler et al.'s adaptive KL coefficient as an immutable pytree (checkpointable).
+
+  `AdaptiveKLController(init, target, horizon)`; `update` returns a new controller.
+  """
+  value: Array
+  target: float = flax.struct.field(pytree_node=False)
+  horizon: float = flax.struct.field(pytree_node=False)
+
+  def update(self, observed_kl: Array, n_steps: int) -> "AdaptiveKLController":
+    return self.replace(value=update_kl_coef(self.value, observed_kl, n_steps, self.target,
+                                             self.horizon))
+
+
+def make_kl_controller(config: RewardConfig):
+  """The controller the config asks for, starting at `kl_coef`."""
+  init = jnp.float32(config.kl_coef)
+  if config.adaptive_kl:
+    return AdaptiveKLController(init, float(config.kl_target), float(config.kl_horizon))
+  return FixedKLController(init)
+
+
+# ---------------------------------------------------------------------------------------
+# Composition and monitors.
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+  return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
+
+
+def token_rewards(config: RewardConfig, *, passed: Array, response_mask: Array,
+                  line_end_mask: Optional[Array] = None,
+                  trivial_line_mask: Optional[Array] = None,
+                  prm_scores: Optional[Array] = None,
+                  logprobs: Optional[Array] = None,
+                  ref_logprobs: Optional[Array] = None,
+                  pass_fraction: Optional[Array] = None,
+                  kl_coef: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
+  """Per-token rewards = outcome + dense PRM - kl_coef * KL, and monitors.
+
+  Args:
+    config: RewardConfig (static).
+    passed: [B] bool, all tests passed.
+    response_mask: [B, T], 1 on response tokens.
+    line_end_mask: [B, T], 1 at each line's last token (needed for monitors/dense).
+    trivial_line_mask: [B, T], 1 at line ends of blank/comment-only lines.
+    prm_scores: [B, T] PRM outputs; None = no dense reward (the "no PRM" arm).
+    logprobs: [B, T] log pi_old of the response tokens; with ref_logprobs enables KL.
+    ref_logprobs: [B, T] log pi_ref of the same tokens.
+    pass_fraction: [B] share of tests passed (outcome="fraction").
+    kl_coef: scalar (may be traced, e.g. from an adaptive controller); default
+      `config.kl_coef`.
+  Returns:
+    rewards [B, T] float32 (0 outside the response), and a dict of scalar monitors:
+      pass_rate, response_length, lines_per_response, counted_lines_per_response,
+      trivial_line_share, prm_score_mean (over counted lines), prm_score_mean_passed /
+      _failed, outcome_reward_mean, dense_reward_mean (dense reward summed per response,
+      averaged over responses), kl (mean per-token KL with the chosen estimator; what the
+      adaptive controller tracks), kl_per_response, kl_coef, reward_mean (total reward
+      per response).
+  """
+  response = jnp.asarray(response_mask).astype(bool)
+  resp_f = response.astype(jnp.float32)
+  passed = jnp.asarray(passed).astype(bool)
+  passed_f = passed.astype(jnp.float32)
+  batch = response.shape[0]
+  zeros = jnp.zeros(response.shape, jnp.float32)
+
+  outcome = outcome_rewards(passed, response, config, pass_fraction)
+  rewards = outcome
+  stats = {
+      "pass_rate": jnp.mean(passed_f),
+      "response_length": jnp.mean(jnp.sum(resp_f, axis=1)),
+      "outcome_reward_mean": jnp.sum(outcome) / batch,
+  }
+
+  if line_end_mask is not None:
+    all_lines = jnp.asarray(line_end_mask).astype(bool) & response
+    counted = counted_line_mask(line_end_mask, response, trivial_line_mask,
+                                config.skip_trivial_lines)
+    n_all = jnp.sum(all_lines.astype(jnp.float32))
+    trivial = (jnp.zeros_like(all_lines) if trivial_line_mask is None
+               else jnp.asarray(trivial_line_mask).astype(bool) & all_lines)
+    stats["lines_per_response"] = n_all / batch
+    stats["counted_lines_per_response"] = jnp.sum(counted) / batch
+    stats["trivial_line_share"] = _safe_div(jnp.sum(trivial.astype(jnp.float32)), n_all)
+
+  if prm_scores is not None:
+    if line_end_mask is None:
+      raise ValueError("Dense PRM rewards need line_end_mask.")
+    dense = dense_rewards(prm_scores, passed, line_end_mask, response, config,
+                          trivial_line_mask)
+    rewards = rewards + dense
+    scores = jnp.where(counted, jnp.asarray(prm_scores, jnp.float32), 0.0)
+    lines_f = counted.astype(jnp.float32)
+    per_row_lines = jnp.sum(lines_f, axis=1)
+    per_row_score = jnp.sum(scores, axis=1)
+    stats["prm_score_mean"] = _safe_div(jnp.sum(per_row_score), jnp.sum(per_row_lines))
+    stats["prm_score_mean_passed"] = _safe_div(jnp.sum(per_row_score * passed_f),
+                                               jnp.sum(per_row_lines * passed_f))
+    stats["prm_score_mean_failed"] = _safe_div(jnp.sum(per_row_score * (1 - passed_f)),
+                                               jnp.sum(per_row_lines * (1 - passed_f)))
+    stats["dense_reward_mean"] = jnp.sum(dense) / batch
+  else:
+    stats["dense_reward_mean"] = jnp.float32(0.0)
+
+  if (logprobs is None) != (ref_logprobs is None):
+    raise ValueError("The KL penalty needs both logprobs and ref_logprobs.")
+  coef = jnp.asarray(config.kl_coef if kl_coef is None else kl_coef, jnp.float32)
+  if logprobs is not None:
+    kl = jnp.where(response, kl_estimate(logprobs, ref_logprobs, config.kl_estimator), 0.0)
+    rewards = rewards - coef * kl
+    stats["kl"] = _safe_div(jnp.sum(kl), jnp.sum(resp_f))
+    stats["kl_per_response"] = jnp.sum(kl) / batch
+  else:
+    stats["kl"] = stats["kl_per_response"] = jnp.float32(0.0)
+  stats["kl_coef"] = coef
+
+  rewards = jnp.where(response, rewards, zeros)
+  stats["reward_mean"] = jnp.sum(rewards) / batch
+  return rewards, stats
