@@ -1,0 +1,105 @@
+"""Supervised warm-up: next-token cross-entropy on reference responses.
+
+The loss goes through the shared step builder (`train_step.py`), like PPO and the PRM.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psgpo_jax import batching, train_step
+from psgpo_jax.models import CausalLM, ModelConfig
+
+Array = jax.Array
+
+
+def token_nll(logits: Array, tokens: Array) -> Array:
+  """Negative log-likelihood of each token given the ones before it.
+
+  Args:
+    logits: [B, T, V] float32 from the full-sequence forward.
+    tokens: [B, T] int.
+  Returns:
+    [B, T] float32; position t is -log p(tokens[t] | tokens[<t]); position 0 is 0.
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(-picked, ((0, 0), (1, 0)))
+
+
+def make_sft_loss(model_cfg: ModelConfig) -> Callable:
+  """Returns loss(params, batch, rng) -> (mean response-token NLL, metrics)."""
+  model = CausalLM(model_cfg)
+
+  def loss_fn(params, batch, rng):
+    del rng
+    logits = model.apply({"params": params}, batch["tokens"],
+                         attention_mask=batch["attention_mask"])
+    mask = batch["response_mask"].astype(jnp.float32)
+    count = jnp.maximum(mask.sum(), 1.0)
+    loss = (token_nll(logits, batch["tokens"]) * mask).sum() / count
+    predicted = jnp.pad(jnp.argmax(logits[:, :-1], -1), ((0, 0), (1, 0)))
+    accuracy = ((predicted == batch["tokens"]) * mask).sum() / count
+    return loss, {"loss": loss, "token_accuracy": accuracy}
+
+  return loss_fn
+
+
+def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int,
+                pad_id: int, buckets: Sequence[int], rng: np.random.Generator):
+  """Endless shuffled batches of (prompt ids, response ids) pairs, epoch after epoch.
+
+  Yields dicts of [batch_size, T] arrays from `batching.pack_sequences`.
+  """
+  while True:
+    order = rng.permutation(len(pairs))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+      chosen = [pairs[i] for i in order[start:start + batch_size]]
+      yield batching.pack_sequences([p for p, _ in chosen], [r for _, r in chosen], pad_id,
+                                    buckets)
+
+
+def batch_arrays(batch: Dict[str, np.ndarray]) -> Dict[str, Array]:
+  """The model inputs of a packed batch, as device arrays."""
+  return {k: jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "response_mask")}
+
+
+def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
+              learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
+              weight_decay: float = 0.0, buckets: Sequence[int] = (64, 128, 256, 512),
+              writer=None, show_progress: bool = True):
+  """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
+
+  Args:
+    params: CausalLM params (not donated: the caller's copy stays valid).
+    pairs: list of (prompt token ids, response token ids incl. EOS).
+    steps, batch_size, learning_rate, warmup_steps, weight_decay: the optimisation.
+    pad_id: padding token id.
+    writer: optional MetricWriter (metrics under `sft/`).
+  """
+  from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
+  if len(pairs) < batch_size:
+    raise ValueError(f"The SFT corpus has {len(pairs)} pairs, fewer than sft.batch_size="
+                     f"{batch_size}; lower the batch size or add data.")
+  optimizer = train_step.make_optimizer(learning_rate, weight_decay=weight_decay,
+                                        warmup_steps=warmup_steps,
+                                        total_steps=max(steps, warmup_steps + 1),
+                                        schedule="cosine")
+  state = train_step.TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer)
+  step_fn = train_step.make_train_step(train_step.gradient_update(make_sft_loss(model_cfg),
+                                                                  optimizer))
+  batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed))
+  rng = jax.random.PRNGKey(seed)
+  metrics = {}
+  bar = progress(range(steps), desc="sft", enabled=show_progress)
+  for step in bar:
+    state, metrics = step_fn(state, batch_arrays(next(batches)), jax.random.fold_in(rng, step))
+    if writer is not None or step == steps - 1 or step % 20 == 0:
+      metrics = jax.device_get(metrics)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+      if writer is not None:
+        writer.write(step, metrics, prefix="sft/")
+  return state.params, {k: float(v) for k, v in jax.device_get(metrics).items()}
