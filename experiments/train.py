@@ -9,7 +9,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from experiments import common
@@ -20,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file 
 
 def main(argv):
   del argv
+  if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
+    logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
   from psgpo_jax import pipeline  # pylint: disable=import-outside-toplevel
   from psgpo_jax.configuration import ConfigError  # pylint: disable=import-outside-toplevel
   try:

@@ -13,32 +13,55 @@ from typing import Any, Callable, Dict
 
 import ml_collections
 
+from psgpo_jax import stages
 from psgpo_jax.configuration import stage_list, validate_config
 
-StageFn = Callable[[ml_collections.ConfigDict, "RunContext"], Dict[str, Any]]
-STAGE_FNS: Dict[str, StageFn] = {}
-
-
-def stage(name: str):
-  """Registers a stage function under `name`."""
-  def register(fn: StageFn) -> StageFn:
-    STAGE_FNS[name] = fn
-    return fn
-  return register
+STAGE_FNS = stages.STAGE_FNS
 
 
 class RunContext:
-  """Paths of a run; stages add what they build (tokenizer, problems, params) lazily."""
+  """What the stages share, built lazily once: tokenizer, problems, models, sandbox.
+
+  Stages hand models to each other through Hugging Face checkpoint directories in the
+  run directory (`sft/policy`, `prm/model`, `rl/policy`), so any stage can run alone.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.workdir = os.path.abspath(config.workdir)
     self.results: Dict[str, Dict[str, Any]] = {}
+    self._cache: Dict[str, Any] = {}
 
   def stage_dir(self, name: str) -> str:
     path = os.path.join(self.workdir, name)
     os.makedirs(path, exist_ok=True)
     return path
+
+  def _once(self, key: str, build: Callable[[], Any]) -> Any:
+    if key not in self._cache:
+      self._cache[key] = build()
+    return self._cache[key]
+
+  @property
+  def tokenizer(self):
+    return self._once("tokenizer", lambda: stages.load_run_tokenizer(self.config, self.workdir))
+
+  @property
+  def problems(self) -> Dict[str, list]:
+    """{"train": [...], "eval": [...]} problems."""
+    return self._once("problems", lambda: stages.load_run_problems(self.config))
+
+  @property
+  def model_cfg(self):
+    return self._once("model_cfg", lambda: stages.run_model_config(self.config, self.tokenizer))
+
+  @property
+  def sandbox(self):
+    return self._once("sandbox", lambda: stages.make_sandbox(self.config))
+
+  def close(self) -> None:
+    if "sandbox" in self._cache:
+      self._cache.pop("sandbox").close()
 
 
 def _result_path(ctx: RunContext, name: str) -> str:
@@ -61,6 +84,17 @@ def run(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   with open(os.path.join(ctx.workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
   summary: Dict[str, Any] = {}
+  try:
+    _run_stages(config, ctx, summary)
+  finally:
+    ctx.close()
+  _write_json(os.path.join(ctx.workdir, "summary.json"), summary)
+  print(format_summary(summary))
+  return summary
+
+
+def _run_stages(config: ml_collections.ConfigDict, ctx: RunContext,
+                summary: Dict[str, Any]) -> None:
   for name in stage_list(config):
     if name not in STAGE_FNS:
       raise NotImplementedError(f"Stage '{name}' is not available in this version; "
@@ -79,9 +113,6 @@ def run(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       _write_json(path, result)
       ctx.results[name] = result
     summary[name] = ctx.results[name]
-  _write_json(os.path.join(ctx.workdir, "summary.json"), summary)
-  print(format_summary(summary))
-  return summary
 
 
 def format_summary(summary: Dict[str, Any]) -> str:

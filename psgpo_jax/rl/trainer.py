@@ -1,0 +1,333 @@
+"""The PSGPO loop: rollout -> sandbox -> PRM scores -> rewards -> GAE -> one PPO update.
+
+Per step: `rl.prompts_per_step` training problems (a deterministic, per-epoch shuffled
+order) are sampled `rl.samples_per_prompt` times by the policy, the responses are tested in
+the sandbox, one jitted call scores them (policy and reference log-probs, values, PRM line
+scores), rewards and GAE follow (jitted), and one jitted, sharded call runs every PPO epoch
+and minibatch for policy and value. Everything needed to continue bit-for-bit (policy,
+value, reference and PRM params, optimizer states, KL controller, step, config) is
+checkpointed every `checkpoint.every_steps` steps and at the end; a run restarted in the
+same workdir resumes from the last complete checkpoint.
+
+The trainer also serves the paper's "no PRM" arm and the `baseline` stage:
+`dense_reward=False` uses no PRM rewards, `value_init="policy"` starts the value model
+from the policy's backbone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from psgpo_jax import batching, checkpointing, tokenization, train_step
+from psgpo_jax.logging import MetricWriter, progress
+from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
+from psgpo_jax.models import scalar_params_from_causal
+from psgpo_jax.rl import gae as gae_lib
+from psgpo_jax.rl import ppo, rewards
+from psgpo_jax.rollout import Rollouts, encode, sample_and_test
+from psgpo_jax.sampling import Sampler, SamplingConfig
+
+Array = jax.Array
+ROLLOUT_KEYS = ("tokens", "attention_mask", "response_mask", "line_end_mask",
+                "trivial_line_mask")
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive updates had non-finite losses or gradients."""
+
+
+def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, num_samples: int,
+                    temperature: Optional[float] = None, greedy: bool = False
+                    ) -> SamplingConfig:
+  """The SamplingConfig of a pipeline config's `sampling` section."""
+  section = dict(config.sampling)
+  section.update(num_samples=num_samples, greedy=greedy,
+                 eos_ids=(int(tokenizer.eos_token_id),),
+                 pad_id=int(tokenizer.pad_token_id))
+  if temperature is not None:
+    section["temperature"] = temperature
+  return SamplingConfig.from_dict(section)
+
+
+def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequence[int]
+                  ) -> Dict[str, np.ndarray]:
+  """Packs rollouts into the fixed-shape arrays the scorer and PPO read.
+
+  Returns [N, T] int32 `tokens`, `attention_mask`, `response_mask`, `line_end_mask`,
+  `trivial_line_mask` (right-padded), and [N] float32 `passed`, `pass_fraction`.
+  """
+  packed = batching.pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_id, buckets)
+  spans = [tokenization.line_spans(tokenizer, p, r)
+           for p, r in zip(rollouts.prompt_ids, rollouts.response_ids)]
+  lines = tokenization.batch_line_arrays(spans, packed["response_mask"])
+  batch = {k: packed[k] for k in ("tokens", "attention_mask", "response_mask")}
+  batch["line_end_mask"] = lines["line_end_mask"]
+  batch["trivial_line_mask"] = lines["trivial_line_mask"]
+  batch["passed"] = rollouts.passed.astype(np.float32)
+  batch["pass_fraction"] = rollouts.pass_fraction
+  return batch
+
+
+def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool) -> Callable:
+  """Jitted `score(params, batch) -> dict` of rollout quantities, all [B, T] float32.
+
+  `params` is {'policy', 'ref', 'value'[, 'prm']}; outputs `old_logprobs`,
+  `ref_logprobs`, `values` (aligned as in `rl.ppo`) and `prm_scores` (the PRM's raw output
+  at each line-end token, 0 elsewhere) when `with_prm`.
+  """
+  policy, scalar = CausalLM(model_cfg), ScalarModel(model_cfg)
+
+  def score(params, batch):
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    out = {
+        "old_logprobs": ppo.policy_logprobs(policy, params["policy"], tokens, mask, temperature),
+        "ref_logprobs": ppo.policy_logprobs(policy, params["ref"], tokens, mask, temperature),
+        "values": ppo.value_predictions(scalar, params["value"], tokens, mask),
+    }
+    if with_prm:
+      raw = scalar.apply({"params": params["prm"]}, tokens, attention_mask=mask)
+      out["prm_scores"] = jnp.where(batch["line_end_mask"] > 0, raw, 0.0)
+    return out
+
+  return jax.jit(score)
+
+
+def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float) -> Callable:
+  """Jitted `(batch, kl_coef) -> (batch with rewards/advantages/returns, reward stats)`."""
+
+  def advantages(batch, kl_coef):
+    token_rewards, stats = rewards.token_rewards(
+        reward_cfg, passed=batch["passed"] > 0, response_mask=batch["response_mask"],
+        line_end_mask=batch["line_end_mask"], trivial_line_mask=batch["trivial_line_mask"],
+        prm_scores=batch.get("prm_scores"), logprobs=batch["old_logprobs"],
+        ref_logprobs=batch["ref_logprobs"], pass_fraction=batch["pass_fraction"],
+        kl_coef=kl_coef)
+    adv, ret = gae_lib.gae(token_rewards, batch["values"], batch["response_mask"], gamma, lam)
+    return {**batch, "rewards": token_rewards, "advantages": adv, "returns": ret}, stats
+
+  return jax.jit(advantages)
+
+
+def init_value_params(value_init: str, model_cfg: ModelConfig, policy_params: Any,
+                      prm_params: Optional[Any], rng: Array) -> Any:
+  """Value model params: a copy of the PRM's, the policy's backbone + fresh head, or random."""
+  if value_init == "prm":
+    if prm_params is None:
+      raise ValueError("rl.value_init='prm' needs a trained PRM: run the 'prm' stage first, "
+                       "or set rl.value_init='policy'.")
+    return jax.tree_util.tree_map(jnp.array, prm_params)
+  if value_init == "policy":
+    return jax.tree_util.tree_map(jnp.array, scalar_params_from_causal(policy_params, model_cfg,
+                                                                       rng))
+  if value_init == "random":
+    return init_params(ScalarModel(model_cfg), rng)
+  raise ValueError(f"rl.value_init={value_init!r}; choose prm, policy or random.")
+
+
+@dataclasses.dataclass
+class RLSetup:
+  """What the RL loop runs on (built by the pipeline)."""
+  model_cfg: ModelConfig
+  tokenizer: Any
+  train_problems: Sequence[Any]
+  eval_problems: Sequence[Any]
+  sandbox: Any
+  evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None   # (params, step) -> metrics
+
+
+def problem_order(num_problems: int, step: int, per_step: int, seed: int) -> np.ndarray:
+  """Problem indices for `step`: epochs of seeded permutations, read `per_step` at a time."""
+  start = step * per_step
+  epoch, offset = divmod(start, num_problems)
+  out: List[int] = []
+  while len(out) < per_step:
+    perm = np.random.default_rng([seed, epoch]).permutation(num_problems)
+    out.extend(perm[offset:offset + per_step - len(out)].tolist())
+    epoch, offset = epoch + 1, 0
+  return np.asarray(out)
+
+
+class RLTrainer:
+  """Runs `steps` PSGPO iterations, logging, evaluating and checkpointing as it goes."""
+
+  def __init__(self, config: ml_collections.ConfigDict, setup: RLSetup, workdir: str,
+               policy_params: Any, prm_params: Optional[Any], *, steps: int,
+               dense_reward: bool, value_init: str, snapshot_every: int = 0):
+    self.config, self.setup, self.workdir = config, setup, workdir
+    self.steps, self.snapshot_every = steps, snapshot_every
+    self.dense_reward = dense_reward
+    rl = config.rl
+    cfg = setup.model_cfg
+    if dense_reward and prm_params is None:
+      raise ValueError("rl.dense_reward=True needs a trained PRM: run the 'prm' stage first "
+                       "or set rl.dense_reward=False.")
+    self.reward_cfg = rewards.RewardConfig.from_config(rl.reward)
+    self.ppo_cfg = ppo.PPOConfig.from_config(rl, temperature=config.sampling.temperature)
+    rows = rl.prompts_per_step * rl.samples_per_prompt
+    self.ppo_cfg.minibatch_size(rows)
+    total = max(steps, 1) * rl.ppo_epochs * rl.num_minibatches
+    self.optimizers = {
+        "policy": train_step.make_optimizer(rl.policy_lr, grad_clip=rl.grad_clip,
+                                            total_steps=total),
+        "value": train_step.make_optimizer(rl.value_lr, grad_clip=rl.grad_clip,
+                                           total_steps=total)}
+    rng = jax.random.PRNGKey(config.seed)
+    value_params = init_value_params(value_init, cfg, policy_params, prm_params,
+                                     jax.random.fold_in(rng, 1))
+    self.state = {
+        "ppo": {"policy": train_step.TrainState.create(
+                    jax.tree_util.tree_map(jnp.array, policy_params), self.optimizers["policy"]),
+                "value": train_step.TrainState.create(value_params, self.optimizers["value"])},
+        "ref": policy_params,
+        "kl_coef": jnp.asarray(self.reward_cfg.kl_coef, jnp.float32),
+        "rng": jax.random.fold_in(rng, 2),
+    }
+    if dense_reward:
+      self.state["prm"] = prm_params
+    self.update = train_step.make_train_step(
+        ppo.make_ppo_update(CausalLM(cfg), ScalarModel(cfg), self.optimizers, self.ppo_cfg))
+    self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward)
+    self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam)
+    self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
+                           setup.tokenizer)
+    self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
+    self.buckets = batching.default_buckets(
+        max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
+    self.checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
+    self.history: List[Dict[str, float]] = []
+    self.start_step = 0
+
+  # ------------------------------------------------------------------------ resume
+
+  def maybe_restore(self) -> int:
+    """Continues from the latest complete checkpoint in workdir; returns the next step."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return 0
+    target = checkpointing.abstract_target(self.state)
+    self.state, meta = self.checkpointer.restore(step, target=target)
+    self.history = list(meta.get("history", []))
+    self.start_step = int(meta["next_step"])
+    print(f"[rl] resumed from the checkpoint of step {step} in {self.checkpointer.directory}")
+    return self.start_step
+
+  def _save(self, next_step: int, force: bool = False) -> None:
+    meta = {"next_step": next_step, "data_position": next_step * self.config.rl.prompts_per_step,
+            "history": self.history, "config": json.loads(self.config.to_json_best_effort())}
+    self.checkpointer.save(next_step, self.state, meta, force=force)
+
+  # ------------------------------------------------------------------------ one step
+
+  def rollout(self, step: int) -> Rollouts:
+    """Samples and tests this step's responses with the current policy."""
+    rl = self.config.rl
+    index = problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
+                          self.config.seed)
+    problems = [self.setup.train_problems[i] for i in index]
+    prompt_ids = [self.prompt_ids[i] for i in index]
+    key = jax.random.fold_in(self.state["rng"], step)
+    return sample_and_test(self.state["ppo"]["policy"].params, self.sampler, problems,
+                           prompt_ids, self.setup.sandbox, key)
+
+  def train_step(self, step: int) -> Dict[str, float]:
+    """One PSGPO iteration; returns its metrics (host floats)."""
+    t0 = time.time()
+    rollouts = self.rollout(step)
+    t1 = time.time()
+    host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
+                         self.buckets)
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"],
+              "value": self.state["ppo"]["value"].params}
+    if self.dense_reward:
+      params["prm"] = self.state["prm"]
+    batch.update(self.scorer(params, batch))
+    batch, reward_stats = self.advantage_fn(batch, self.state["kl_coef"])
+    key = jax.random.fold_in(jax.random.fold_in(self.state["rng"], step), 1)
+    self.state["ppo"], update_metrics = self.update(self.state["ppo"], batch, key)
+    metrics = {**{f"reward/{k}": v for k, v in reward_stats.items()},
+               **{f"ppo/{k}": v for k, v in update_metrics.items()}}
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if self.reward_cfg.adaptive_kl:
+      self.state["kl_coef"] = rewards.update_kl_coef(
+          self.state["kl_coef"], metrics["reward/kl"], len(rollouts), self.reward_cfg.kl_target,
+          self.reward_cfg.kl_horizon)
+    metrics.update({"time/rollout_s": t1 - t0, "time/step_s": time.time() - t0,
+                    "rollout/finished_by_eos": float(np.mean(
+                        [r == "eos" for r in rollouts.finish_reason])),
+                    "rollout/timeouts": float(np.mean(
+                        [r.status == "timeout" for r in rollouts.results]))})
+    return metrics
+
+  # ------------------------------------------------------------------------ the loop
+
+  def run(self, writer: Optional[MetricWriter] = None, show_progress: bool = True
+          ) -> Dict[str, Any]:
+    """Trains from the current (possibly restored) step to `steps`; returns a summary."""
+    rl = self.config.rl
+    nonfinite_in_a_row = 0
+    step = self.start_step
+    bar = progress(range(self.start_step, self.steps), desc="rl", enabled=show_progress,
+                   initial=self.start_step, total=self.steps)
+    for step in bar:
+      metrics = self.train_step(step)
+      nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["ppo/nonfinite"] > 0 else 0
+      if nonfinite_in_a_row >= rl.max_nonfinite_steps:
+        raise TrainingDiverged(
+            f"{nonfinite_in_a_row} consecutive PPO updates had non-finite losses or gradients "
+            f"(last at step {step}); those updates were skipped and no checkpoint was written "
+            f"after them. Lower rl.policy_lr / rl.value_lr or raise rl.grad_clip's strictness, "
+            f"then re-run: training resumes from the last good checkpoint.")
+      if self.setup.evaluate is not None and rl.eval_every and (step + 1) % rl.eval_every == 0 \
+          and step + 1 < self.steps:
+        metrics.update({f"eval/{k}": v for k, v in self.setup.evaluate(
+            self.state["ppo"]["policy"].params, step + 1).items()})
+      self.history.append({"step": step, **metrics})
+      if writer is not None:
+        writer.write(step, metrics)
+      bar.set_postfix(pass_rate=f"{metrics['reward/pass_rate']:.2f}",
+                      kl=f"{metrics['reward/kl']:.3f}")
+      if self.snapshot_every and (step + 1) % self.snapshot_every == 0:
+        self._save_snapshot(step + 1)
+      if (step + 1) % self.config.checkpoint.every_steps == 0 or step + 1 == self.steps:
+        self._save(step + 1)
+    self.checkpointer.wait()
+    return self.summary()
+
+  def _save_snapshot(self, step: int) -> None:
+    """Keeps the policy of `step` (the baseline stage's labeling policies)."""
+    from psgpo_jax.models import save_hf_checkpoint  # pylint: disable=import-outside-toplevel
+    save_hf_checkpoint(os.path.join(self.workdir, "snapshots", f"step_{step:06d}"),
+                       self.setup.model_cfg, jax.device_get(self.state["ppo"]["policy"].params))
+
+  def summary(self) -> Dict[str, Any]:
+    """Averages of the last steps' key metrics."""
+    tail = self.history[-max(1, len(self.history) // 4):] if self.history else []
+    keys = ("reward/pass_rate", "reward/kl", "reward/lines_per_response",
+            "reward/trivial_line_share", "reward/prm_score_mean", "reward/dense_reward_mean")
+    out = {"steps": self.steps}
+    for k in keys:
+      values = [h[k] for h in tail if k in h]
+      if values:
+        out[f"final_{k.split('/')[-1]}"] = float(np.mean(values))
+    return out
+
+  def close(self) -> None:
+    self.checkpointer.close()
+
+  @property
+  def policy_params(self) -> Any:
+    return self.state["ppo"]["policy"].params
+
+  @property
+  def value_params(self) -> Any:
+    return self.state["ppo"]["value"].params

