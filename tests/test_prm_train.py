@@ -1,0 +1,261 @@
+"""PRM training: line-end batches, loss, scores, metrics, and learning synthetic labels."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from psgpo_jax.data import synthetic
+from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
+from psgpo_jax.prm import labeling as lab
+from psgpo_jax.prm import train as prm
+from psgpo_jax.tokenization import line_spans, load_tokenizer
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  path = synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok")), vocab_size=512)
+  return load_tokenizer(path)
+
+
+def _oracle_rows(problems, per_problem, seed=0):
+  """Rows labelled from the synthetic oracle: the reference line k replaced by a wrong one."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for p in problems:
+    for _ in range(per_problem):
+      response, first = synthetic.corrupt_response(p, rng)
+      trivial = [lab.is_trivial_line(l) for l in lab.split_lines(response)]
+      rows.append({"problem_id": p.id, "prompt": p.prompt, "response": response,
+                   "line_labels": lab.label_lines(trivial, first),
+                   "oracle_first_bad": first})
+  return rows
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _pair_auroc(pos, scores):
+  wins = 0.0
+  p = [s for s, y in zip(scores, pos) if y]
+  n = [s for s, y in zip(scores, pos) if not y]
+  for a, b in itertools.product(p, n):
+    wins += 1.0 if a > b else 0.5 if a == b else 0.0
+  return wins / (len(p) * len(n))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_brute_force_pair_count_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(2, 60))
+  scores = rng.integers(0, 6, size=n).astype(float)   # many ties
+  pos = rng.random(n) < 0.4
+  pos[0], pos[1] = True, False
+  assert prm.auroc(pos, scores) == pytest.approx(_pair_auroc(pos, scores))
+  assert prm.auroc(pos, -scores) == pytest.approx(1.0 - _pair_auroc(pos, scores))
+  assert np.isnan(prm.auroc(np.ones(3, bool), [0.1, 0.2, 0.3]))
+
+
+def test_calibration_bins_and_ece():
+  probs = [0.05, 0.15, 0.15, 0.95, 1.0]
+  outcomes = [False, True, False, True, True]
+  cal = prm.calibration(probs, outcomes, num_bins=10)
+  counts = [b["count"] for b in cal["bins"]]
+  assert counts == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+  assert cal["bins"][1]["positive_rate"] == 0.5
+  expected = (1 * 0.05 + 2 * abs(0.15 - 0.5) + 2 * abs(0.975 - 1.0)) / 5
+  assert cal["ece"] == pytest.approx(expected)
+
+
+def test_prm_metrics_first_error_localisation_and_oracle():
+  rows = [
+      {"line_labels": [1, 0, 1, -1, -1], "oracle_first_bad": 3},
+      {"line_labels": [1, 1, -1], "oracle_first_bad": 1},
+      {"line_labels": [1, 1], "oracle_first_bad": None},
+  ]
+  scores = [[0.9, -0.9, 0.2, -0.5, -0.8],   # trivial line 1 is ignored: first below = 3
+            [0.5, 0.1, 0.3],                # nothing below 0: predicts no error
+            [0.4, -0.2]]                    # false alarm at line 1
+  m = prm.prm_metrics(rows, scores, threshold=0.0)
+  assert m["lines"] == 9
+  assert m["first_error_accuracy"] == pytest.approx(1 / 3)
+  assert m["line_accuracy"] == pytest.approx(7 / 9)
+  assert m["oracle_first_error_accuracy"] == pytest.approx(1 / 3)
+  assert m["auroc"] == pytest.approx(_pair_auroc(
+      [True, True, False, False, True, True, False, True, True],
+      [0.9, 0.2, -0.5, -0.8, 0.5, 0.1, 0.3, 0.4, -0.2]))
+  # Truncated scores (a row longer than max_len) use only the scored lines.
+  m = prm.prm_metrics(rows[:1], [[0.9, -0.9, 0.2]])
+  assert m["lines"] == 2 and m["first_error_accuracy"] == 1.0
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_prm_objective_uses_only_masked_line_ends():
+  outputs = jnp.array([[0.5, 9.0, -0.2, 3.0], [0.0, 0.3, 7.0, -1.0]])
+  targets = jnp.array([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
+  mask = jnp.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+  loss, metrics = prm.prm_objective(outputs, targets, mask, "mse")
+  expected = ((0.5 - 1) ** 2 + (-0.2 + 1) ** 2 + (0.3 - 1) ** 2 + 0.0) / 4
+  assert float(loss) == pytest.approx(expected, rel=1e-6)
+  assert float(metrics["line_accuracy"]) == 1.0
+  # Off-mask outputs do not matter.
+  changed = outputs.at[0, 1].set(-50.0).at[1, 2].set(50.0)
+  assert float(prm.prm_objective(changed, targets, mask, "mse")[0]) == pytest.approx(expected)
+  loss, _ = prm.prm_objective(outputs, targets, mask, "bce")
+  z, y = np.array([0.5, -0.2, 0.3, -1.0]), np.array([1.0, 0.0, 1.0, 0.0])
+  bce = np.mean(np.log1p(np.exp(-z)) * y + np.log1p(np.exp(z)) * (1 - y))
+  assert float(loss) == pytest.approx(bce, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batches_put_labels_on_the_newline_tokens(tokenizer):
+  problems = synthetic.make_split(0, 4, range(3, 6))
+  rows = _oracle_rows(problems, 1)
+  rows[0]["line_used"] = [1] + [0] * (len(rows[0]["line_labels"]) - 1)
+  batches = prm.make_prm_batches(rows, tokenizer, max_len=256, batch_size=3,
+                                 pad_id=tokenizer.pad_token_id)
+  assert [b["tokens"].shape for b in batches] == [(3, 128), (3, 128)]
+  assert sorted(r for b in batches for r in b["row_index"] if r >= 0) == [0, 1, 2, 3]
+  for batch in batches:
+    for i, r in enumerate(batch["row_index"]):
+      if r < 0:
+        assert batch["line_end_mask"][i].sum() == 0 and batch["attention_mask"][i].sum() == 0
+        continue
+      row = rows[r]
+      where = np.flatnonzero(batch["line_end_mask"][i])
+      assert len(where) == len(row["line_labels"])
+      assert all(tokenizer.decode([t]) == "\n" for t in batch["tokens"][i, where])
+      assert batch["targets"][i, where].tolist() == row["line_labels"]
+      expected_used = row.get("line_used", [1] * len(where))
+      assert batch["loss_mask"][i, where].tolist() == expected_used
+      assert batch["loss_mask"][i].sum() == sum(expected_used)
+
+
+def test_lines_sharing_an_end_token_take_the_code_lines_label():
+  # "x\n\n" as one token: the code line and the blank line after it end together.
+  example = prm.PRMExample(prompt_ids=(5, 6), response_ids=(7, 8, 9), line_ends=(0, 1, 1, 2),
+                           labels=(1, -1, 0, -1), used=(1, 1, 1, 1), row=0)
+  batch = prm.pack_examples([example], pad_id=0, buckets=(8,), batch_size=2)
+  assert batch["line_end_mask"][0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+  assert batch["targets"][0].tolist() == [0, 0, 1, -1, -1, 0, 0, 0]
+  assert batch["row_index"].tolist() == [0, -1]
+
+
+def test_row_line_ends_match_tokenization_line_spans(tokenizer):
+  rows = _oracle_rows(synthetic.make_split(1, 3, range(4, 7)), 1)
+  for row in rows:
+    prompt_ids = prm.encode(tokenizer, row["prompt"])
+    response_ids = prm.encode(tokenizer, row["response"])
+    spans = line_spans(tokenizer, prompt_ids, response_ids)
+    assert spans.num_lines == len(lab.split_lines(row["response"]))
+    assert prm.line_end_indices(tokenizer, prompt_ids, response_ids) == \
+        spans.end_token.tolist()
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def test_score_is_the_scalar_output_at_line_ends_and_zero_elsewhere():
+  cfg = ModelConfig(vocab_size=64, **TINY)
+  params = init_params(ScalarModel(cfg), jax.random.PRNGKey(1))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 10), 0, 64)
+  mask = jnp.ones((2, 10), jnp.int32).at[1, 7:].set(0)
+  line_end = jnp.zeros((2, 10), jnp.int32).at[0, 3].set(1).at[0, 9].set(1).at[1, 6].set(1)
+  batch = {"tokens": tokens, "attention_mask": mask, "line_end_mask": line_end}
+  raw = ScalarModel(cfg).apply({"params": params}, tokens, attention_mask=mask)
+  out = prm.make_score_fn(cfg)(params, batch)
+  assert out.shape == (2, 10) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.where(line_end, raw, 0.0), rtol=1e-6)
+  out_bce = prm.make_score_fn(cfg, "bce")(params, batch)
+  np.testing.assert_allclose(out_bce, np.where(line_end, 2 * jax.nn.sigmoid(raw) - 1, 0.0),
+                             rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_split_by_prompt_keeps_a_prompts_responses_together():
+  rows = [{"problem_id": f"p{i // 3}", "k": i} for i in range(60)]
+  train, held = prm.split_by_prompt(rows, 0.25, seed=0)
+  assert len(train) + len(held) == 60 and held and train
+  assert not {r["problem_id"] for r in train} & {r["problem_id"] for r in held}
+  assert prm.split_by_prompt(rows, 0.25, seed=0) == (train, held)
+  small_train, small_held = prm.split_by_prompt(rows[:6], 0.01, seed=0)
+  assert len(small_held) == 3 and len(small_train) == 3
+
+
+def test_init_copies_the_policy_backbone():
+  cfg = ModelConfig(vocab_size=64, **TINY)
+  policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  params = prm.init_prm_params(policy, cfg, jax.random.PRNGKey(1))
+  assert set(params) == {"model", "score"}
+  for a, b in zip(jax.tree.leaves(params["model"]), jax.tree.leaves(policy["model"])):
+    np.testing.assert_array_equal(a, b)
+    assert a is not b
+
+
+def test_train_prm_learns_oracle_labels_on_the_synthetic_suite(tokenizer, tmp_path):
+  problems = synthetic.make_split(0, 48, range(3, 9))
+  rows = _oracle_rows(problems, 2)
+  cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
+  policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  config = prm.PRMTrainConfig(steps=60, batch_size=8, learning_rate=2e-3, max_len=256,
+                              eval_fraction=0.25, warmup_steps=5)
+  params, metrics = prm.train_prm(policy, cfg, tokenizer, rows, config, str(tmp_path),
+                                  pad_id=tokenizer.pad_token_id, show_progress=False)
+  assert metrics["eval_rows"] > 0 and metrics["train_rows"] > 0
+  assert metrics["train/nonfinite"] == 0.0
+  # Learned, on prompts never trained on: clearly better than chance and than at init.
+  assert metrics["auroc"] > 0.7, metrics
+  assert metrics["auroc"] > metrics["init/auroc"] + 0.1, metrics
+  assert metrics["line_accuracy"] > 0.7, metrics
+  written = json.load(open(tmp_path / "metrics.json"))
+  assert written["auroc"] == pytest.approx(metrics["auroc"])
+  assert len(written["calibration"]) == 10
+  assert os.path.getsize(tmp_path / "calibration.png") > 1000
+  assert set(params) == {"model", "score"}
+
+
+def test_train_prm_on_a_mesh_matches_single_device(tokenizer, tmp_path):
+  from psgpo_jax import sharding
+  rows = _oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
+  cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
+  policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  config = prm.PRMTrainConfig(steps=3, batch_size=8, learning_rate=1e-3, max_len=128,
+                              eval_fraction=0.0, warmup_steps=1, eval_train_rows=0)
+  single, m1 = prm.train_prm(policy, cfg, tokenizer, rows, config, str(tmp_path / "one"),
+                             pad_id=tokenizer.pad_token_id, show_progress=False)
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharded, m2 = prm.train_prm(policy, cfg, tokenizer, rows, config, str(tmp_path / "mesh"),
+                              pad_id=tokenizer.pad_token_id, mesh=mesh, show_progress=False)
+  kernel = sharded["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8
+  assert kernel.addressable_shards[0].data.size < kernel.size     # really sharded
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  assert m1["train/loss"] == pytest.approx(m2["train/loss"], rel=1e-4)
+
+
+def test_train_batches_are_full_and_cover_every_example():
+  examples = [prm.PRMExample((1,), (2, 3), (1,), (1,), (1,), i) for i in range(7)]
+  batches = prm.train_batches(examples, 3, 0, (8,), np.random.default_rng(0))
+  seen = []
+  for _ in range(14):                   # 7 epochs of 2 full batches each
+    rows = next(batches)["row_index"].tolist()
+    assert -1 not in rows and len(set(rows)) == 3
+    seen += rows
+  assert set(seen) == set(range(7))
+  small = prm.train_batches(examples[:2], 4, 0, (8,), np.random.default_rng(0))
+  assert sorted(next(small)["row_index"].tolist()) == [-1, -1, 0, 1]
