@@ -142,7 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- evaluation ----------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.checkpoint = ""               # evaluate.py: a policy checkpoint dir ("" = the run's)
+  c.eval.checkpoint = ""               # evaluate.py: a policy HF dir ("" = the run's latest)
+  c.eval.split = "heldout"             # evaluate.py: heldout | train | all problems
+  c.eval.output_dir = ""               # evaluate.py: report dir ("" = <workdir>/evaluate)
   c.eval.num_problems = 0              # 0 = all held-out problems
   c.eval.num_samples = 8               # n samples per problem for pass@k
   c.eval.ks = "1,4,8"

@@ -3,18 +3,49 @@
 Runs every stage on 2 CPU cores in minutes: `python -m experiments.train
 --config configs/quickstart.py`. Differences from base, and why:
 - labels are collected with the SFT policy (`baseline.steps = 0`) to fit the time budget;
-- K = 8 completions per probed prefix instead of the paper's 20, for the same reason.
+- K = 8 completions per probed prefix instead of the paper's 20, for the same reason;
+- a little SFT noise, so the starting policy is weak but not hopeless.
+
+`--config configs/quickstart.py:tiny` shrinks every stage to seconds (tests, CI, the
+notebook's smoke run); it checks that the pipeline runs, not that it learns.
 """
 from configs import base
 
 
-def get_config():
+def get_config(variant: str = ""):
   c = base.get_config()
   c.workdir = "runs/quickstart"
-  c.sft.steps = 400
-  c.sft.noise = 0.15          # a weak-but-nonzero starting policy
+  c.sft.steps = 1000
+  c.sft.noise = 0.05
   c.baseline.steps = 0
   c.collect.completions = 8
   c.collect.num_prompts = 64
   c.rl.steps = 30
+  if variant == "tiny":
+    c.workdir = "runs/quickstart_tiny"
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.data.num_train = 32
+    c.data.num_eval = 8
+    c.data.max_horizon = 4
+    c.sft.steps = 20
+    c.sft.batch_size = 8
+    c.collect.num_prompts = 8
+    c.collect.responses_per_prompt = 2
+    c.collect.completions = 2
+    c.collect.selection = "all"
+    c.prm.steps = 5
+    c.prm.batch_size = 4
+    c.rl.steps = 2
+    c.rl.prompts_per_step = 4
+    c.rl.samples_per_prompt = 2
+    c.rl.num_minibatches = 2
+    c.rl.eval_every = 1
+    c.eval.num_samples = 2
+    c.eval.ks = "1,2"
+    c.sampling.max_new_tokens = 48
+    c.checkpoint.every_steps = 1
+    c.logging.progress = False
+  elif variant:
+    raise ValueError(f"Unknown quickstart variant {variant!r}; use 'tiny' or nothing.")
   return c

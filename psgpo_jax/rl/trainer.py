@@ -30,6 +30,7 @@ from psgpo_jax import batching, checkpointing, tokenization, train_step
 from psgpo_jax.logging import MetricWriter, progress
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.models import scalar_params_from_causal
+from psgpo_jax.prm import train as prm_train
 from psgpo_jax.rl import gae as gae_lib
 from psgpo_jax.rl import ppo, rewards
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
@@ -76,12 +77,14 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   return batch
 
 
-def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool) -> Callable:
+def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
+                prm_loss: str = "mse") -> Callable:
   """Jitted `score(params, batch) -> dict` of rollout quantities, all [B, T] float32.
 
   `params` is {'policy', 'ref', 'value'[, 'prm']}; outputs `old_logprobs`,
-  `ref_logprobs`, `values` (aligned as in `rl.ppo`) and `prm_scores` (the PRM's raw output
-  at each line-end token, 0 elsewhere) when `with_prm`.
+  `ref_logprobs`, `values` (aligned as in `rl.ppo`) and `prm_scores` (`prm.train.score`:
+  the PRM's output at each line-end token on the [-1, 1] label scale, 0 elsewhere) when
+  `with_prm`.
   """
   policy, scalar = CausalLM(model_cfg), ScalarModel(model_cfg)
 
@@ -93,8 +96,7 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool) -> C
         "values": ppo.value_predictions(scalar, params["value"], tokens, mask),
     }
     if with_prm:
-      raw = scalar.apply({"params": params["prm"]}, tokens, attention_mask=mask)
-      out["prm_scores"] = jnp.where(batch["line_end_mask"] > 0, raw, 0.0)
+      out["prm_scores"] = prm_train.score(params["prm"], model_cfg, batch, prm_loss)
     return out
 
   return jax.jit(score)
@@ -194,7 +196,7 @@ class RLTrainer:
       self.state["prm"] = prm_params
     self.update = train_step.make_train_step(
         ppo.make_ppo_update(CausalLM(cfg), ScalarModel(cfg), self.optimizers, self.ppo_cfg))
-    self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward)
+    self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward, config.prm.loss)
     self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam)
     self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
                            setup.tokenizer)
