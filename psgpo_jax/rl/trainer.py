@@ -16,6 +16,7 @@ from the policy's backbone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -77,6 +78,7 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   return batch
 
 
+@functools.lru_cache(maxsize=16)
 def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
                 prm_loss: str = "mse") -> Callable:
   """Jitted `score(params, batch) -> dict` of rollout quantities, all [B, T] float32.
@@ -102,6 +104,7 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
   return jax.jit(score)
 
 
+@functools.lru_cache(maxsize=16)
 def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float) -> Callable:
   """Jitted `(batch, kl_coef) -> (batch with rewards/advantages/returns, reward stats)`."""
 
@@ -116,6 +119,20 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
     return {**batch, "rewards": token_rewards, "advantages": adv, "returns": ret}, stats
 
   return jax.jit(advantages)
+
+
+@functools.lru_cache(maxsize=16)
+def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float,
+                value_lr: float, grad_clip: float):
+  """(optimizers, the jitted PPO update): built once per setting, so that trainers with
+  the same setting (a resumed run, the ablation's arms) share the compiled function.
+  Learning rates are constant, as in the paper's PPO."""
+  optimizers = {
+      "policy": train_step.make_optimizer(policy_lr, grad_clip=grad_clip),
+      "value": train_step.make_optimizer(value_lr, grad_clip=grad_clip)}
+  update = train_step.make_train_step(
+      ppo.make_ppo_update(CausalLM(model_cfg), ScalarModel(model_cfg), optimizers, ppo_cfg))
+  return optimizers, update
 
 
 def init_value_params(value_init: str, model_cfg: ModelConfig, policy_params: Any,
@@ -175,12 +192,8 @@ class RLTrainer:
     self.ppo_cfg = ppo.PPOConfig.from_config(rl, temperature=config.sampling.temperature)
     rows = rl.prompts_per_step * rl.samples_per_prompt
     self.ppo_cfg.minibatch_size(rows)
-    total = max(steps, 1) * rl.ppo_epochs * rl.num_minibatches
-    self.optimizers = {
-        "policy": train_step.make_optimizer(rl.policy_lr, grad_clip=rl.grad_clip,
-                                            total_steps=total),
-        "value": train_step.make_optimizer(rl.value_lr, grad_clip=rl.grad_clip,
-                                           total_steps=total)}
+    self.optimizers, self.update = make_update(cfg, self.ppo_cfg, float(rl.policy_lr),
+                                               float(rl.value_lr), float(rl.grad_clip))
     rng = jax.random.PRNGKey(config.seed)
     value_params = init_value_params(value_init, cfg, policy_params, prm_params,
                                      jax.random.fold_in(rng, 1))
@@ -194,8 +207,6 @@ class RLTrainer:
     }
     if dense_reward:
       self.state["prm"] = prm_params
-    self.update = train_step.make_train_step(
-        ppo.make_ppo_update(CausalLM(cfg), ScalarModel(cfg), self.optimizers, self.ppo_cfg))
     self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward, config.prm.loss)
     self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam)
     self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
@@ -300,7 +311,9 @@ class RLTrainer:
                       kl=f"{metrics['reward/kl']:.3f}")
       if self.snapshot_every and (step + 1) % self.snapshot_every == 0:
         self._save_snapshot(step + 1)
-      if (step + 1) % self.config.checkpoint.every_steps == 0 or step + 1 == self.steps:
+      last_update_skipped = nonfinite_in_a_row > 0
+      if not last_update_skipped and ((step + 1) % self.config.checkpoint.every_steps == 0
+                                      or step + 1 == self.steps):
         self._save(step + 1)
     self.checkpointer.wait()
     return self.summary()
