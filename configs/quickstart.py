@@ -15,12 +15,15 @@ from configs import base
 def get_config(variant: str = ""):
   c = base.get_config()
   c.workdir = "runs/quickstart"
+  c.data.num_train = 2000     # enough distinct specs that SFT generalises, not memorises
   c.sft.steps = 1000
   c.sft.noise = 0.05
   c.baseline.steps = 0
   c.collect.completions = 8
-  c.collect.num_prompts = 64
-  c.rl.steps = 30
+  c.collect.num_prompts = 192
+  c.rl.steps = 40
+  c.rl.policy_lr = 1e-4       # a 0.5M-parameter policy needs larger steps than an LLM
+  c.rl.value_lr = 3e-4
   if variant == "tiny":
     c.workdir = "runs/quickstart_tiny"
     c.model.hidden_size = 32

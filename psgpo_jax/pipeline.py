@@ -69,10 +69,12 @@ def _result_path(ctx: RunContext, name: str) -> str:
 
 
 def _write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
+  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file.
+
+  Keys keep their order (stages in run order)."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True, default=str)
+    json.dump(value, f, indent=2, default=str)
   os.replace(tmp, path)
 
 

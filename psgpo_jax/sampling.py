@@ -1,0 +1,744 @@
+"""Batched sampling from a causal LM: one jitted prefill + decode loop over a KV cache.
+
+`generate(params, model_cfg, prompts, rng, config, tokenizer=...)` samples
+`config.num_samples` responses for each prompt (optionally continuing a partial
+response, `prefixes`) and returns tokens, log-probabilities, masks and texts.
+
+How it runs:
+- Prompts (prompt + prefix tokens) are left-padded to a length bucket and the batch to a
+  batch bucket, so a run compiles a handful of shapes; the jitted function is cached per
+  static configuration (`_compiled`) and jit caches it per bucketed shape.
+- One jitted call does everything on device: prefill of the whole prompt in one forward
+  pass (logits of the last position only), then `jnp.repeat` of its KV cache over the
+  `num_samples` rows, then a `jax.lax.while_loop` that samples one token per step and
+  exits as soon as every row is done.
+- Randomness is keyed per row and per step (`fold_in(fold_in(rng, row), step)`), so a row's
+  sample does not depend on the batch it shares, on padding, or on the mesh.
+
+Log-probabilities (`SampleOutput.logprobs`) are those of the policy itself:
+`log_softmax(logits / temperature)` at the sampled token, *without* the top-k/top-p
+renormalisation (what a full-sequence forward of the trainer recomputes). With
+`greedy=True` the temperature is 1.
+
+A row ends on (1) an EOS id: the EOS token is kept in the response (mask 1, its
+log-prob counts) but not in the text; (2) a stop string: matched in the response text
+(prefix + new tokens, never the prompt) by a character automaton lifted to tokens, so the
+loop stops the row on device at the token that completes it; on the host the text is cut
+at the start of the first completed stop string and the response keeps the fewest tokens
+whose text covers what precedes it. A token that straddles the cut is kept whole, so
+`texts[i] == decode(kept tokens)` always holds and the kept text may end with the first
+characters of the stop string (e.g. the newline of `"\\ndef "` inside a `")\\n"`
+token); (3) `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from psgpo_jax.models.config import ModelConfig
+from psgpo_jax.models.heads import CausalLM
+from psgpo_jax.models.transformer import default_positions, init_cache
+
+Array = jax.Array
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
+FINISH_REASONS = ("length", "eos", "stop")
+
+# How many times each static sampling setup was traced (compiled): tests and monitoring.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# --------------------------------------------------------------------------- config --
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """What to sample and how; hashable, so it keys the compiled functions.
+
+  Attributes:
+    max_new_tokens: M, new tokens per row at most (also the output width).
+    temperature: logits are divided by it before sampling (> 0).
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus: keep the smallest set of most likely tokens whose probability (after
+      top-k) reaches top_p (1.0 = off).
+    greedy: argmax instead of sampling (temperature, top-k, top-p ignored).
+    num_samples: responses per prompt; the prompt's KV cache is computed once.
+    eos_ids: token ids that end a row; None = the model config's `eos_token_id`.
+    stop_strings: strings that end a row (needs a tokenizer); see the module docstring.
+    pad_id: token written after a row ends and used for padding.
+    min_prompt_bucket: smallest padded prompt length.
+    prompt_buckets: explicit padded prompt lengths (sorted); () = powers of two.
+    min_batch_bucket: smallest padded number of prompts; () below = powers of two.
+    batch_buckets: explicit padded numbers of prompts (sorted).
+  """
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  num_samples: int = 1
+  eos_ids: Optional[Tuple[int, ...]] = None
+  stop_strings: Tuple[str, ...] = ()
+  pad_id: int = 0
+  min_prompt_bucket: int = 16
+  prompt_buckets: Tuple[int, ...] = ()
+  min_batch_bucket: int = 1
+  batch_buckets: Tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for name in ("eos_ids", "stop_strings", "prompt_buckets", "batch_buckets"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, tuple):
+        object.__setattr__(self, name, tuple(value))
+    if self.max_new_tokens < 1:
+      raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1.")
+    if not self.greedy and not self.temperature > 0:
+      raise ValueError(f"sampling.temperature={self.temperature} must be > 0 (or set greedy).")
+    if self.top_k < 0:
+      raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 = off).")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1].")
+    if self.num_samples < 1:
+      raise ValueError(f"sampling.num_samples={self.num_samples} must be >= 1.")
+    if any(not s for s in self.stop_strings):
+      raise ValueError("sampling.stop_strings must not contain the empty string.")
+    for name in ("prompt_buckets", "batch_buckets"):
+      if list(getattr(self, name)) != sorted(getattr(self, name)):
+        raise ValueError(f"sampling.{name}={getattr(self, name)} must be sorted.")
+
+  def replace(self, **changes) -> "SamplingConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_dict(cls, values) -> "SamplingConfig":
+    """From a mapping such as `config.sampling`; comma-separated strings become tuples."""
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown sampling config field(s) {unknown}; known: {sorted(known)}.")
+    if isinstance(values.get("stop_strings"), str):
+      values["stop_strings"] = tuple(s for s in values["stop_strings"].split(",") if s)
+    if isinstance(values.get("eos_ids"), str):
+      values["eos_ids"] = tuple(int(s) for s in values["eos_ids"].split(",") if s.strip())
+    return cls(**values)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """Sampled responses, N = len(prompts) * num_samples rows, prompt-major.
+
+  Attributes:
+    tokens: [N, M] int32 new tokens (EOS included), `pad_id` after the end.
+    logprobs: [N, M] float32 log-probs under the sampling policy (see module doc), 0 after
+      the end.
+    mask: [N, M] bool, True for the kept response tokens.
+    lengths: [N] int32 kept tokens per row (= mask.sum(1)).
+    finish_reason: N strings: "eos", "stop" or "length".
+    texts: N decoded responses (new tokens only, EOS excluded), or None without a
+      tokenizer. With a prefix, `decode(prefix) + texts[i]` is the whole response.
+    prompt_index: [N] int32, the prompt each row answers (row // num_samples).
+  """
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  mask: np.ndarray
+  lengths: np.ndarray
+  finish_reason: List[str]
+  texts: Optional[List[str]]
+  prompt_index: np.ndarray
+
+
+# ------------------------------------------------------------------- token sampling --
+
+
+def _inverse_cdf(weights: Array, u: Array) -> Array:
+  """Index drawn with probability proportional to `weights` by inverting the CDF.
+
+  Args:
+    weights: [B, K] non-negative, unnormalised, at least one positive per row.
+    u: [B] uniform in [0, 1).
+  Returns:
+    [B] int32 indices; never one of zero weight.
+  """
+  cdf = jnp.cumsum(weights, axis=-1)
+  threshold = u * cdf[:, -1]
+  index = jnp.sum(cdf <= threshold[:, None], axis=-1).astype(jnp.int32)
+  index = jnp.minimum(index, weights.shape[-1] - 1)
+  # Rounding in the cumulative sum can only land on a zero weight in measure-zero cases;
+  # fall back to the most likely entry then rather than emit an impossible token.
+  picked = jnp.take_along_axis(weights, index[:, None], axis=-1)[:, 0]
+  return jnp.where(picked > 0, index, jnp.argmax(weights, axis=-1).astype(jnp.int32))
+
+
+def _nucleus_threshold(probs: Array, top_p: float) -> Array:
+  """Smallest kept probability of the top-p nucleus, found by bisection, no sort.
+
+  The nucleus is {i: probs_i >= tau} with tau the largest value such that the tokens at
+  or above it hold at least `top_p` of the mass. Bisection runs over the int32 bit
+  patterns of non-negative float32 (ordered like the floats), so 32 steps are exact.
+
+  Args:
+    probs: [B, V] normalised probabilities.
+    top_p: in (0, 1).
+  Returns:
+    [B] float32 thresholds.
+  """
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+  lo = jnp.zeros(probs.shape[:1], jnp.int32)               # mass(>= 0) = 1 >= top_p
+  hi = jnp.max(bits, axis=-1) + 1                          # mass(> max) = 0 < top_p
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    mass = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1)
+    ok = mass >= top_p
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def sample_tokens(logits: Array, u: Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, greedy: bool = False) -> Tuple[Array, Array]:
+  """Draws one token per row and returns its log-prob under the unfiltered policy.
+
+  Args:
+    logits: [B, V] float32.
+    u: [B] uniform in [0, 1), the only randomness (inverse-CDF sampling).
+    temperature, top_k, top_p, greedy: as in `SamplingConfig` (static).
+  Returns:
+    tokens [B] int32 and logprobs [B] float32 = log_softmax(logits / temperature)[token]
+    (temperature 1 when greedy), without top-k/top-p renormalisation.
+  """
+  logits = logits.astype(jnp.float32)
+  if greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits
+  else:
+    scaled = logits / temperature
+  peak = jnp.max(scaled, axis=-1, keepdims=True)
+  shifted = scaled - peak
+  weights = jnp.exp(shifted)                               # unnormalised probabilities
+  log_total = jnp.log(jnp.sum(weights, axis=-1))           # [B]
+  if not greedy:
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+      top_vals, top_idx = jax.lax.top_k(shifted, top_k)    # sorted, descending
+      top_w = jnp.exp(top_vals)
+      if top_p < 1.0:
+        probs = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        top_w = jnp.where(mass_before < top_p, top_w, 0.0)
+      tokens = jnp.take_along_axis(top_idx, _inverse_cdf(top_w, u)[:, None], axis=-1)[:, 0]
+    else:
+      if top_p < 1.0:
+        probs = weights / jnp.exp(log_total)[:, None]
+        tau = _nucleus_threshold(probs, top_p)
+        weights = jnp.where(probs >= tau[:, None], weights, 0.0)
+      tokens = _inverse_cdf(weights, u)
+  token_shift = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
+  return tokens.astype(jnp.int32), token_shift - log_total
+
+
+# ------------------------------------------------------------------- stop strings --
+
+
+class StopMatcher:
+  """Aho-Corasick automaton over characters for a set of stop strings.
+
+  States are trie nodes (0 = nothing matched); `match_state` is absorbing and means a
+  stop string has been completed. `token_table` lifts the automaton to tokens: entry
+  [state, token] is the state after reading that token's text.
+  """
+
+  def __init__(self, stop_strings: Sequence[str]):
+    self.stop_strings = tuple(stop_strings)
+    alphabet = sorted({ch for s in self.stop_strings for ch in s})
+    self.char_class = {ch: i + 1 for i, ch in enumerate(alphabet)}   # 0 = any other char
+    children: List[Dict[str, int]] = [{}]
+    terminal = [False]
+    for s in self.stop_strings:
+      node = 0
+      for ch in s:
+        if ch not in children[node]:
+          children.append({})
+          terminal.append(False)
+          children[node][ch] = len(children) - 1
+        node = children[node][ch]
+      terminal[node] = True
+    num_nodes = len(children)
+    self.match_state = num_nodes
+    fail = [0] * num_nodes
+    output = list(terminal)
+    order, queue = [], collections.deque([0])
+    while queue:                                           # breadth-first: fail links
+      node = queue.popleft()
+      order.append(node)
+      for ch, child in children[node].items():
+        if node:
+          f = fail[node]
+          while f and ch not in children[f]:
+            f = fail[f]
+          fail[child] = children[f].get(ch, 0)
+        output[child] = output[child] or output[fail[child]]
+        queue.append(child)
+    delta = np.zeros((num_nodes + 1, len(alphabet) + 1), np.int32)
+    for node in order:                                     # parents before children
+      for ch, cls in self.char_class.items():
+        if ch in children[node]:
+          nxt = children[node][ch]
+        else:
+          nxt = delta[fail[node], cls] if node else 0
+        delta[node, cls] = nxt
+    delta[self.match_state] = self.match_state
+    self.goto = delta.copy()                               # trie moves, matches not absorbed
+    delta = np.where(np.asarray(output + [True])[delta], self.match_state, delta)
+    self.delta = delta                                     # [num_states, num_classes]
+
+  @property
+  def num_states(self) -> int:
+    return self.delta.shape[0]
+
+  def feed(self, state: int, text: str) -> int:
+    """The state after reading `text` from `state`."""
+    for ch in text:
+      state = int(self.delta[state, self.char_class.get(ch, 0)])
+    return state
+
+  def resume_state(self, text: str) -> int:
+    """The state after `text` with the stop strings completed inside it ignored.
+
+    The initial state of a row that continues the partial response `text`: only stop
+    strings that end in new tokens count.
+    """
+    state = 0
+    for ch in text:
+      state = int(self.goto[state, self.char_class.get(ch, 0)])
+    return state
+
+  def token_table(self, token_texts: Sequence[str]) -> np.ndarray:
+    """[num_states, V] int32: the state after reading each token's text from each state."""
+    vocab = len(token_texts)
+    lengths = np.array([len(t) for t in token_texts], np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    table = np.broadcast_to(np.arange(self.num_states, dtype=np.int32)[:, None],
+                            (self.num_states, vocab)).copy()
+    for pos in range(int(lengths.max(initial=0))):
+      active = order[:int(np.sum(lengths > pos))]          # tokens with a char at `pos`
+      classes = np.array([self.char_class.get(token_texts[t][pos], 0) for t in active],
+                         np.int32)
+      table[:, active] = self.delta[table[:, active], classes[None, :]]
+    return table
+
+  def first_stop(self, text: str, start: int = 0) -> Optional[int]:
+    """Start of the first completed stop string ending after `start`, or None.
+
+    "First completed" is the occurrence with the smallest end (ties: the longest), which
+    is where the on-device automaton stops.
+    """
+    best = None
+    for s in self.stop_strings:
+      i = text.find(s, max(0, start - len(s) + 1))
+      if i >= 0:
+        key = (i + len(s), i)
+        best = key if best is None or key < best else best
+    return None if best is None else best[1]
+
+
+def _decode_fn(tokenizer) -> Callable[[Sequence[int]], str]:
+  return lambda ids: tokenizer.decode([int(i) for i in ids])
+
+
+def _batch_decode(tokenizer, batch: List[List[int]]) -> List[str]:
+  if hasattr(tokenizer, "batch_decode"):
+    return list(tokenizer.batch_decode(batch))
+  if hasattr(tokenizer, "decode_batch"):
+    return list(tokenizer.decode_batch(batch))
+  return [tokenizer.decode(ids) for ids in batch]
+
+
+def token_texts(tokenizer, vocab_size: int) -> List[str]:
+  """The text each token adds when appended to a sequence, for ids [0, vocab_size).
+
+  Decoded after an anchor token so that decoders which strip a leading space at the
+  start of a text (SentencePiece) keep it. Ids the tokenizer does not know give "".
+  """
+  anchor: List[int] = []
+  try:
+    encoded = tokenizer.encode("a", add_special_tokens=False)
+    anchor = list(getattr(encoded, "ids", encoded))
+  except Exception:  # a tokenizer without encode: plain per-token decoding
+    anchor = []
+  known = len(tokenizer) if hasattr(tokenizer, "__len__") else vocab_size
+  ids = list(range(min(known, vocab_size)))
+  if anchor:
+    base = tokenizer.decode(anchor)
+    texts = _batch_decode(tokenizer, [anchor + [i] for i in ids])
+    texts = [t[len(base):] if t.startswith(base) else t for t in texts]
+  else:
+    texts = _batch_decode(tokenizer, [[i] for i in ids])
+  return texts + [""] * (vocab_size - len(ids))
+
+
+# ---------------------------------------------------------------------- bucketing --
+
+
+def bucket_size(n: int, minimum: int = 1, buckets: Sequence[int] = ()) -> int:
+  """Padded size for `n`: the first explicit bucket >= n, else a power of two >= minimum."""
+  if buckets:
+    for b in buckets:
+      if b >= n:
+        return int(b)
+    raise ValueError(f"Size {n} exceeds the largest bucket {buckets[-1]}; add a bucket.")
+  return max(int(minimum), 1 << max(0, (n - 1).bit_length()))
+
+
+# ----------------------------------------------------------------- the device loop --
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """What the compiled function depends on besides shapes."""
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  greedy: bool
+  num_samples: int
+  eos_ids: Tuple[int, ...]
+  use_stop: bool
+  stop_match_state: int
+  pad_id: int
+
+
+def _prefill_last(module: CausalLM, tokens, positions, kv_mask, cache):
+  """Prefill forward that projects only the last position to logits: [B,1,V]."""
+  hidden, cache = module.model(tokens, kv_mask, positions, cache, 0)
+  return module.logits(hidden[:, -1:]), cache
+
+
+def _prefill(model: CausalLM, params, tokens: Array, mask: Array, max_new: int,
+             num_samples: int):
+  """One forward over the prompts, then the cache shared by `num_samples` rows each.
+
+  Args:
+    tokens, mask: [P, L] left-padded prompts (the last column is real in every row).
+  Returns:
+    cache (per layer [P*n, L+M, KV, Dh]), kv_mask [P*n, L+M], logits of the last prompt
+    token [P*n, V], positions of the first new token [P*n].
+  """
+  p, length = tokens.shape
+  positions = default_positions(mask)
+  kv_mask = jnp.concatenate([mask.astype(jnp.int32), jnp.ones((p, max_new), jnp.int32)], 1)
+  cache = init_cache(model.cfg, p, length + max_new)
+  logits, cache = model.apply({"params": params}, tokens, positions, kv_mask, cache,
+                              method=_prefill_last)
+  logits, next_pos = logits[:, 0], positions[:, -1] + 1
+  if num_samples > 1:
+    rep = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    cache = jax.tree.map(rep, cache)
+    kv_mask, logits, next_pos = rep(kv_mask), rep(logits), rep(next_pos)
+  return cache, kv_mask, logits, next_pos
+
+
+def _next_tokens(static: _Static, logits: Array, u: Array, done: Array, stop_state: Array,
+                 stop_table: Array):
+  """Samples one token per row and updates the end-of-row bookkeeping.
+
+  Args:
+    logits: [B, V]; u: [B] uniforms; done: [B] bool rows already ended;
+    stop_state: [B] automaton states; stop_table: [num_states, V].
+  Returns:
+    tokens [B] (pad for ended rows), logprobs [B] (0 for ended rows), live [B] (the row
+    made this token), reason [B] (FINISH_*), done [B], stop_state [B].
+  """
+  tok, logp = sample_tokens(logits, u, temperature=static.temperature, top_k=static.top_k,
+                            top_p=static.top_p, greedy=static.greedy)
+  live = ~done
+  tok = jnp.where(live, tok, static.pad_id)
+  logp = jnp.where(live, logp, 0.0)
+  eos = np.asarray(static.eos_ids or (-1,), np.int32)
+  is_eos = live & jnp.any(tok[:, None] == eos[None, :], axis=-1)
+  if static.use_stop:
+    stop_state = jnp.where(live, stop_table[stop_state, tok], stop_state)
+    is_stop = live & ~is_eos & (stop_state == static.stop_match_state)
+  else:
+    is_stop = jnp.zeros_like(is_eos)
+  reason = jnp.where(is_eos, FINISH_EOS, jnp.where(is_stop, FINISH_STOP, FINISH_LENGTH))
+  return tok, logp, live, reason, done | is_eos | is_stop, stop_state
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh]):
+  """The jitted generate function for one static setup (jit caches shapes)."""
+  model = CausalLM(model_cfg)
+  m = static.max_new_tokens
+
+  def constrain(x):
+    if mesh is None:
+      return x
+    spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def run(params, tokens, mask, rng, stop_state, stop_table, valid):
+    """Prefill, then a while loop that makes one token per step until all rows end.
+
+    Args:
+      params: CausalLM params.
+      tokens, mask: [P, L] left-padded prompts.
+      rng: a PRNG key.
+      stop_state: [P*n] int32 initial stop-automaton states.
+      stop_table: [num_states, V] int32 token transitions (dummy when unused).
+      valid: [P*n] bool, False for padding rows.
+    Returns:
+      tokens [P*n, M] int32, logprobs [P*n, M] float32, lengths [P*n] int32,
+      reasons [P*n] int32 (FINISH_*).
+    """
+    TRACE_COUNTS[(model_cfg, static)] += 1
+    length = tokens.shape[1]
+    cache, kv_mask, logits, pos = jax.tree.map(
+        constrain, _prefill(model, params, tokens, mask, m, static.num_samples))
+    rows = logits.shape[0]
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(rows))
+    uniforms = lambda step: jax.vmap(
+        lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
+
+    tok, logp, live, reasons, done, stop_state = _next_tokens(
+        static, logits, uniforms(0), ~valid, stop_state, stop_table)
+    out_tok = jnp.full((rows, m), static.pad_id, jnp.int32).at[:, 0].set(tok)
+    out_logp = jnp.zeros((rows, m), jnp.float32).at[:, 0].set(logp)
+
+    def cond(carry):
+      step, done = carry[0], carry[5]
+      return (step < m) & ~jnp.all(done)
+
+    def body(carry):
+      step, cache, tok, pos, lengths, done, stop_state, out_tok, out_logp, reasons = carry
+      logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], kv_mask,
+                                  cache, length + step - 1, method="decode")
+      tok, logp, live, reason, done, stop_state = _next_tokens(
+          static, logits[:, 0], uniforms(step), done, stop_state, stop_table)
+      out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, tok[:, None], step, axis=1)
+      out_logp = jax.lax.dynamic_update_slice_in_dim(out_logp, logp[:, None], step, axis=1)
+      return (step + 1, cache, tok, pos + 1, lengths + live, done, stop_state, out_tok,
+              out_logp, jnp.where(live, reason, reasons))
+
+    carry = (jnp.int32(1), cache, tok, pos, live.astype(jnp.int32), done, stop_state,
+             out_tok, out_logp, reasons)
+    _, _, _, _, lengths, _, _, out_tok, out_logp, reasons = jax.lax.while_loop(cond, body, carry)
+    return out_tok, out_logp, lengths, reasons
+
+  return jax.jit(run)
+
+
+# ----------------------------------------------------------------------- the API --
+
+
+class Sampler:
+  """Samples from one model architecture with one `SamplingConfig`.
+
+  Holds the tokenizer's stop-string tables (computed once) and uses the jitted function
+  shared by every sampler with the same static setup.
+  """
+
+  def __init__(self, model_cfg: ModelConfig, config: SamplingConfig, tokenizer: Any = None,
+               mesh: Optional[Mesh] = None):
+    self.model_cfg, self.config, self.tokenizer, self.mesh = model_cfg, config, tokenizer, mesh
+    if mesh is not None and "data" not in mesh.axis_names:
+      raise ValueError(f"The mesh has axes {mesh.axis_names}; sampling shards over 'data'.")
+    if config.stop_strings and tokenizer is None:
+      raise ValueError("sampling.stop_strings need a tokenizer.")
+    eos = config.eos_ids
+    if eos is None:
+      eos = () if model_cfg.eos_token_id is None else (int(model_cfg.eos_token_id),)
+    self.eos_ids = tuple(int(e) for e in eos)
+    self.matcher = StopMatcher(config.stop_strings) if config.stop_strings else None
+    if self.matcher is not None:
+      table = self.matcher.token_table(token_texts(tokenizer, model_cfg.vocab_size))
+      self._stop_table = jnp.asarray(table)
+    else:
+      self._stop_table = jnp.zeros((1, 1), jnp.int32)
+    greedy = bool(config.greedy)                           # greedy ignores the rest
+    self._static = _Static(
+        max_new_tokens=config.max_new_tokens,
+        temperature=1.0 if greedy else float(config.temperature),
+        top_k=0 if greedy else int(config.top_k), top_p=1.0 if greedy else float(config.top_p),
+        greedy=greedy,
+        num_samples=config.num_samples, eos_ids=self.eos_ids,
+        use_stop=self.matcher is not None,
+        stop_match_state=self.matcher.match_state if self.matcher else -1,
+        pad_id=int(config.pad_id))
+    self._decode = _decode_fn(tokenizer) if tokenizer is not None else None
+
+  @property
+  def data_size(self) -> int:
+    return 1 if self.mesh is None else int(self.mesh.shape["data"])
+
+  def _place(self, params, arrays):
+    """Batch arrays split over 'data'; params replicated unless already on the mesh."""
+    if self.mesh is None:
+      return params, arrays
+    devices = set(self.mesh.devices.flat)
+
+    def replicate(x):
+      sharding = getattr(x, "sharding", None)
+      if sharding is not None and set(sharding.device_set) == devices:
+        return x
+      return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+
+    params = jax.tree.map(replicate, params)
+    batch = lambda a: NamedSharding(self.mesh, PartitionSpec("data", *([None] * (a.ndim - 1))))
+    arrays = [jax.device_put(a, batch(a)) for a in arrays]
+    return params, arrays
+
+  def generate(self, params, prompts: Sequence[Sequence[int]], rng: Array,
+               prefixes: Optional[Sequence[Optional[Sequence[int]]]] = None) -> SampleOutput:
+    """Samples `num_samples` responses per prompt.
+
+    Args:
+      params: CausalLM params (a plain pytree).
+      prompts: P token-id sequences of any lengths (each non-empty after the prefix).
+      rng: a PRNG key; the result is a deterministic function of it.
+      prefixes: None, or P partial responses (token ids, or None/[] for a fresh prompt)
+        to continue; they are part of the response for stop strings, not of the output.
+    Returns:
+      A `SampleOutput` with P * num_samples rows.
+    """
+    cfg, n = self.config, self.config.num_samples
+    prompts = [[int(t) for t in p] for p in prompts]
+    if prefixes is None:
+      prefixes = [None] * len(prompts)
+    if len(prefixes) != len(prompts):
+      raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts.")
+    prefixes = [[int(t) for t in (r if r is not None else ())] for r in prefixes]
+    seqs = [p + r for p, r in zip(prompts, prefixes)]
+    if not seqs:
+      raise ValueError("generate() needs at least one prompt.")
+    if any(not s for s in seqs):
+      raise ValueError("Every prompt (+ prefix) needs at least one token.")
+    flat = [t for s in seqs for t in s]
+    if min(flat) < 0 or max(flat) >= self.model_cfg.vocab_size:
+      raise ValueError(f"Token ids must be in [0, {self.model_cfg.vocab_size}).")
+
+    num_prompts = len(seqs)
+    length = bucket_size(max(map(len, seqs)), cfg.min_prompt_bucket, cfg.prompt_buckets)
+    batch = bucket_size(num_prompts, cfg.min_batch_bucket, cfg.batch_buckets)
+    batch = -(-batch // self.data_size) * self.data_size
+    tokens = np.full((batch, length), cfg.pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for i, s in enumerate(seqs):
+      tokens[i, length - len(s):] = s
+      mask[i, length - len(s):] = 1
+    mask[num_prompts:, -1] = 1                             # padding rows: one dummy token
+
+    prefix_texts = [self._decode(r) if (self._decode and r) else "" for r in prefixes]
+    states = np.zeros((batch,), np.int32)
+    if self.matcher is not None:
+      for i, text in enumerate(prefix_texts):
+        states[i] = self.matcher.resume_state(text)
+    states = np.repeat(states, n)
+    valid = np.repeat(np.arange(batch) < num_prompts, n)
+
+    params, (tokens, mask, states, valid) = self._place(params, [tokens, mask, states, valid])
+    fn = _compiled(self.model_cfg, self._static, self.mesh)
+    out = fn(params, tokens, mask, rng, states, self._stop_table, valid)
+    out_tok, out_logp, lengths, reasons = (np.asarray(x) for x in jax.device_get(out))
+    rows = num_prompts * n
+    return self._finish(out_tok[:rows], out_logp[:rows], lengths[:rows], reasons[:rows],
+                        [r for r in prefixes for _ in range(n)],
+                        [t for t in prefix_texts for _ in range(n)])
+
+  def _finish(self, tokens, logprobs, lengths, reasons, prefixes, prefix_texts) -> SampleOutput:
+    """Host side: exact stop-string cuts, masks and texts."""
+    rows, m = tokens.shape
+    tokens, logprobs = tokens.copy(), logprobs.copy()
+    lengths, reasons = lengths.astype(np.int32).copy(), reasons.copy()
+    texts = [] if self._decode is not None else None
+    for i in range(rows):
+      kept = tokens[i, :lengths[i]].tolist()
+      body = kept[:-1] if reasons[i] == FINISH_EOS else kept
+      if self._decode is not None:
+        prefix, prefix_text = prefixes[i], prefix_texts[i]
+        full = self._decode(prefix + body)
+        base = _common_prefix_len(full, prefix_text)
+        cut = self.matcher.first_stop(full, base) if self.matcher is not None else None
+        if cut is not None:
+          target = full[:cut]
+          keep = _fewest_tokens_covering(self._decode, prefix, body, target)
+          kept, body, reasons[i] = body[:keep], body[:keep], FINISH_STOP
+        texts.append(self._decode(prefix + body)[base:] if body else "")
+      lengths[i] = len(kept)
+    mask = np.arange(m)[None, :] < lengths[:, None]
+    tokens = np.where(mask, tokens, self.config.pad_id).astype(np.int32)
+    logprobs = np.where(mask, logprobs, 0.0).astype(np.float32)
+    return SampleOutput(
+        tokens=tokens, logprobs=logprobs, mask=mask, lengths=lengths,
+        finish_reason=[FINISH_REASONS[r] for r in reasons], texts=texts,
+        prompt_index=(np.arange(rows) // self.config.num_samples).astype(np.int32))
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+  """Length of the longest common prefix of two strings."""
+  if a.startswith(b):
+    return len(b)
+  i = 0
+  while i < min(len(a), len(b)) and a[i] == b[i]:
+    i += 1
+  return i
+
+
+def _fewest_tokens_covering(decode, prefix: List[int], body: List[int], target: str) -> int:
+  """Smallest k such that decode(prefix + body[:k]) starts with `target` (bisection)."""
+  lo, hi = 0, len(body)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if decode(prefix + body[:mid]).startswith(target):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+_SAMPLERS: "collections.OrderedDict[tuple, Sampler]" = collections.OrderedDict()
+
+
+def _sampler(model_cfg, config, tokenizer, mesh) -> Sampler:
+  """A small cache of samplers, so repeated calls reuse the stop tables."""
+  key = (model_cfg, config, id(tokenizer), mesh)
+  sampler = _SAMPLERS.get(key)
+  if sampler is None or sampler.tokenizer is not tokenizer:
+    sampler = Sampler(model_cfg, config, tokenizer, mesh)
+    _SAMPLERS[key] = sampler
+    while len(_SAMPLERS) > 16:
+      _SAMPLERS.popitem(last=False)
+  _SAMPLERS.move_to_end(key)
+  return sampler
+
+
+def generate(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], rng: Array,
+             config: SamplingConfig, tokenizer: Any = None,
+             prefixes: Optional[Sequence[Optional[Sequence[int]]]] = None,
+             mesh: Optional[Mesh] = None) -> SampleOutput:
+  """Samples `config.num_samples` responses per prompt; see `Sampler.generate`.
+
+  Args:
+    params: CausalLM params.
+    model_cfg: the model's `ModelConfig`.
+    prompts: P token-id sequences of any lengths.
+    rng: a PRNG key (the output is a deterministic function of it).
+    config: a `SamplingConfig`.
+    tokenizer: a Hugging Face tokenizer (or any object with `decode`); needed for texts
+      and stop strings.
+    prefixes: None or P partial responses to continue (None/[] = fresh prompt).
+    mesh: optional `Mesh` with a 'data' axis: the batch is split over it.
+  Returns:
+    `SampleOutput` with P * num_samples rows, prompt-major.
+  """
+  return _sampler(model_cfg, config, tokenizer, mesh).generate(params, prompts, rng, prefixes)
