@@ -24,6 +24,9 @@ LayerCache = Tuple[Array, Array]           # keys, values: [B, S, KV, Dh] each
 KVCache = Tuple[LayerCache, ...]           # one per layer
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Logical axes of the hidden states between layers: rows split as the `batch` rule says,
+# features whole (each layer's matmuls gather their FSDP-sharded kernels instead).
+HIDDEN_AXES = ("batch", "length", None)
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype) -> Array:
@@ -212,11 +215,24 @@ class Embed(nn.Module):
 
   def __call__(self, tokens: Array) -> Array:
     """tokens: [B,T] int -> [B,T,D]."""
-    return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+    # Under sharding rules, gather the table's `embed` (FSDP) shards before the lookup, as
+    # for any FSDP weight: a lookup split by features cannot be re-split by rows without
+    # the partitioner replicating it. A no-op without rules (see `constrain_hidden`).
+    table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+    return jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
 
   def attend(self, x: Array) -> Array:
     """x: [B,T,D] -> logits [B,T,V]."""
     return jnp.dot(x, self.embedding.astype(self.cfg.compute_dtype).T)
+
+
+def constrain_hidden(x: Array) -> Array:
+  """Pins hidden states [B,T,D] to `HIDDEN_AXES` under active logical-axis rules.
+
+  A no-op unless traced inside `nn.logical_axis_rules(...)` with a mesh context
+  (`jax.sharding.use_abstract_mesh` or `jax.set_mesh`), so single-device code is unchanged.
+  """
+  return nn.with_logical_constraint(x, HIDDEN_AXES)
 
 
 def default_positions(attention_mask: Array) -> Array:
@@ -252,11 +268,12 @@ class Transformer(nn.Module):
     Returns:
       hidden: [B, T, D] in the compute dtype; the updated cache (None without one).
     """
-    x = self.embed_tokens(tokens)
+    x = constrain_hidden(self.embed_tokens(tokens))
     mask = attention_mask(kv_mask, cache_index, tokens.shape[1])
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      x = constrain_hidden(x)
       new_cache.append(layer_cache)
     return self.norm(x), (None if cache is None else tuple(new_cache))
 
