@@ -14,9 +14,12 @@ from psgpo_jax.models import CausalLM, init_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                       if not p.endswith("__init__.py"))
+VARIANTS = [os.path.join(ROOT, "configs", v) for v in (
+    "quickstart.py:tiny", "ablation.py:none", "ablation.py:dense", "ablation.py:value",
+    "qwen25_coder.py:1.5b", "qwen25_coder.py:7b")]
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+@pytest.mark.parametrize("path", CONFIG_FILES + VARIANTS, ids=os.path.basename)
 def test_config_file_loads_validates_and_builds_model_shapes(path):
   config = validate_config(load_config(path))
   cfg = model_config(config.model, vocab_size=512)
