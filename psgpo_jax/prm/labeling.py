@@ -681,7 +681,8 @@ def label_agreement_by_k(problems: Sequence[Any], responses: Sequence[str],
 
 
 def _encode(tokenizer: Any, text: str) -> List[int]:
-  return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+  from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
+  return encode(tokenizer, text) if text else []
 
 
 class PolicyProbe:

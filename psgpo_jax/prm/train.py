@@ -35,6 +35,7 @@ import optax
 
 from psgpo_jax import batching, train_step
 from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
+from psgpo_jax.rollout import encode
 
 Array = jax.Array
 Row = Dict[str, Any]
@@ -43,15 +44,6 @@ BATCH_KEYS = ("tokens", "attention_mask", "line_end_mask", "targets", "loss_mask
 
 
 # ----------------------------------------------------------------------------- batches
-
-
-def encode(tokenizer: Any, text: str) -> List[int]:
-  """Token ids of `text` without special tokens (transformers or `tokenizers` objects)."""
-  try:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-  except TypeError:
-    out = tokenizer.encode(text)
-    return list(getattr(out, "ids", out))
 
 
 def line_end_indices(tokenizer: Any, prompt_ids: Sequence[int], response_ids: Sequence[int]
