@@ -53,6 +53,7 @@ def test_mesh_and_rules_from_config():
 
 def test_indivisible_dimension_falls_back_to_replication(caplog):
   mesh = sharding.make_mesh((1, 1, 8))
+  sharding._LOGGED_FALLBACKS.clear()      # logged once per process: earlier tests may have
   with caplog.at_level(logging.INFO, logger="psgpo_jax.sharding"):
     spec = sharding.logical_to_mesh_spec(P("embed", "kv_heads", "head_dim"), (64, 2, 8), mesh)
   assert spec == P("fsdp", None, None)
