@@ -398,6 +398,10 @@ def test_deterministic_per_key_and_compiled_once_per_bucket(model, tokenizer):
   again = generate(params, cfg, _prompts(tokenizer, [5, 9, 14], seed=13), jax.random.PRNGKey(3),
                    config, tokenizer)
   _assert_same(first, again)
+  untokenized = generate(params, cfg, _prompts(tokenizer, [5, 9, 14], seed=13),
+                         jax.random.PRNGKey(3), config)
+  _assert_same(untokenized, first, texts=False)
+  assert untokenized.texts is None
   other = generate(params, cfg, _prompts(tokenizer, [2, 16, 11, 7], seed=14),
                    jax.random.PRNGKey(4), config, tokenizer)
   assert not np.array_equal(other.tokens[:3], first.tokens)
