@@ -36,6 +36,7 @@ import jax                                                   # noqa: E402
 import jax.numpy as jnp                                      # noqa: E402
 import numpy as np                                           # noqa: E402
 
+from benchmarks.common import matmul_flops_per_s             # noqa: E402
 from psgpo_jax.models import CausalLM, ModelConfig, init_params   # noqa: E402
 from psgpo_jax.models.hf_io import save_hf_checkpoint        # noqa: E402
 from psgpo_jax.sampling import SamplingConfig, generate      # noqa: E402
@@ -131,20 +132,6 @@ def model_flops(cfg: ModelConfig, batch: int, prompt: int, new: int) -> float:
   prefill = prompt * layers * per_layer + sum(attn(t + 1) for t in range(prompt)) + head
   decode = new * (layers * per_layer + head) + sum(attn(prompt + t + 1) for t in range(new))
   return batch * (prefill + decode)
-
-
-def matmul_flops_per_s(size: int = 1024, repeats: int = 20) -> float:
-  """FLOP/s of a jitted float32 [size, size] @ [size, size] matmul (best of repeats)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
 
 
 def run_ours(params, prompts: np.ndarray, config: SamplingConfig, seed: int) -> float:
