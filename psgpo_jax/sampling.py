@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from psgpo_jax.fields import checked_fields
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM
 from psgpo_jax.models.transformer import default_positions, init_cache
@@ -119,11 +120,7 @@ class SamplingConfig:
   @classmethod
   def from_dict(cls, values) -> "SamplingConfig":
     """From a mapping such as `config.sampling`; comma-separated strings become tuples."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"Unknown sampling config field(s) {unknown}; known: {sorted(known)}.")
+    values = checked_fields(cls, values, "sampling config")
     if isinstance(values.get("stop_strings"), str):
       values["stop_strings"] = tuple(s for s in values["stop_strings"].split(",") if s)
     if isinstance(values.get("eos_ids"), str):

@@ -6,6 +6,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from psgpo_jax.fields import checked_fields
+
 ARCHITECTURES = ("qwen2", "llama")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -70,12 +72,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, values) -> "ModelConfig":
     """Builds a config from a mapping (e.g. a ConfigDict), naming unknown keys."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
-    return cls(**values)
+    return cls(**checked_fields(cls, values, "model config"))
 
   def num_params(self, with_head: bool = True) -> int:
     """Parameter count of the causal LM (embeddings counted once when tied)."""

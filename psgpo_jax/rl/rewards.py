@@ -39,6 +39,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from psgpo_jax.fields import checked_fields
+
 Array = jax.Array
 
 OUTCOMES = ("binary", "fraction")
@@ -101,12 +103,7 @@ class RewardConfig:
   @classmethod
   def from_config(cls, section: Mapping[str, Any]) -> "RewardConfig":
     """Builds the config from a mapping such as the ConfigDict `config.rl.reward`."""
-    values = dict(section)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"Unknown rl.reward field(s) {unknown}; known fields: {sorted(known)}.")
-    return cls(**values)
+    return cls(**checked_fields(cls, section, "rl.reward"))
 
 
 # ---------------------------------------------------------------------------------------
