@@ -6,10 +6,11 @@ both: ours are exported with `save_hf_checkpoint` and loaded by transformers in 
 subprocess whose Python has torch (`--torch-python`; skipped when none is found).
 Batch 1, 16 and 64, prompts of 64 tokens, 128 new tokens, sampling at temperature 1
 (no top-k/top-p, no EOS, so every row makes all 128 tokens). Each figure is the best of
-`--repeats` timed runs after one warm-up run (compilation excluded); our runs and the
-baseline's alternate, so both see the same load on a shared machine. The baseline runs
+`--repeats` timed runs after one warm-up run (compilation excluded). The baseline runs
 once with OpenMP's default spin-waiting (ACTIVE) and once with PASSIVE waiting and the
-faster counts: on a loaded machine spin-waiting slows torch down tenfold.
+faster counts: on a loaded machine spin-waiting slows torch down tenfold. A baseline
+worker lives only while it is timed: an idle ACTIVE worker keeps its OpenMP threads
+spinning and would take a core from our runs (it cost us ~30% when workers stayed up).
 
 Also prints our achieved FLOP/s (prefill + decode model FLOPs over wall time) against a
 jitted float32 matmul measured in the same run.
@@ -74,7 +75,7 @@ for seed, line in enumerate(sys.stdin):
 
 
 class TorchBaseline:
-  """transformers' `generate()` in a worker process, so runs interleave with ours."""
+  """transformers' `generate()` in a worker process (torch stays out of ours)."""
 
   def __init__(self, python: str, ckpt: str, new_tokens: int, workdir: str, omp_policy: str):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -161,23 +162,24 @@ def main() -> None:
                           min_prompt_bucket=args.prompt_len)
   python = find_torch_python(args.torch_python)
   workdir = tempfile.mkdtemp(prefix="bench_sampler_")
-  workers: list = []
+  policies: list = []
   try:
     if python:
       ckpt = os.path.join(workdir, "model")
       save_hf_checkpoint(ckpt, MODEL, jax.device_get(params))
-      workers = [TorchBaseline(python, ckpt, args.new_tokens, workdir, policy)
-                 for policy in args.omp_policies.split(",")]
+      policies = args.omp_policies.split(",")
+      start_worker = lambda policy: TorchBaseline(python, ckpt, args.new_tokens, workdir, policy)
+      probe = start_worker(policies[0])
+      info = probe.info
+      probe.close()
       ours_check = CausalLM(MODEL).apply({"params": params}, jnp.arange(16)[None] * 7)[0, -1]
-      theirs = np.asarray(workers[0].info["check_logits"])
-      diff = float(np.abs(np.asarray(ours_check) - theirs).max())
+      diff = float(np.abs(np.asarray(ours_check) - np.asarray(info["check_logits"])).max())
       if diff > 1e-3:
         raise RuntimeError(f"The baseline's logits differ from ours by {diff}: not the same model.")
     print(f"model: {MODEL.num_params() / 1e6:.1f}M params; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, temperature 1; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs")
-    if workers:
-      info = workers[0].info
+    if policies:
       print(f"baseline: transformers generate(), torch {info['torch']}, {info['threads']} threads, "
             f"OMP_WAIT_POLICY best of {args.omp_policies} ({python}); same weights: max |logit "
             f"difference| on a test sequence {diff:.1e}")
@@ -190,15 +192,18 @@ def main() -> None:
     for batch in batches:
       prompts = rng.randint(0, MODEL.vocab_size, (batch, args.prompt_len))
       matmul = max(matmul, matmul_flops_per_s())
-      ours_s, base_s = [], {w.omp_policy: [] for w in workers}
-      for i in range(args.repeats + 1):      # run 0 warms up (compiles); runs interleave
-        for w in workers:
-          base_s[w.omp_policy].append(w.run(prompts))
-        ours_s.append(run_ours(params, prompts, config, seed=i))
+      base_s = {}
+      for policy in policies:                # run 0 warms up; only this worker is alive
+        worker = start_worker(policy)
+        try:
+          base_s[policy] = [worker.run(prompts) for _ in range(args.repeats + 1)]
+        finally:
+          worker.close()
+      ours_s = [run_ours(params, prompts, config, seed=i) for i in range(args.repeats + 1)]
       tokens = batch * args.new_tokens
       ours = tokens / min(ours_s[1:])
       by_policy = {k: round(tokens / min(v[1:]), 1) for k, v in base_s.items()}
-      base = max(by_policy.values()) if workers else None
+      base = max(by_policy.values()) if policies else None
       flops = model_flops(MODEL, batch, args.prompt_len, args.new_tokens) / min(ours_s[1:])
       by_batch[str(batch)] = {
           "ours": round(ours, 1), "baseline": None if base is None else round(base, 1),
@@ -210,8 +215,6 @@ def main() -> None:
       print(f"{batch:>5} {ours:11.1f} {base_txt:>9} {ratio_txt:>6} {flops / 1e9:12.2f} "
             f"{matmul / 1e9:7.1f} {flops / matmul:9.1%}  {by_policy}", flush=True)
   finally:
-    for w in workers:
-      w.close()
     shutil.rmtree(workdir, ignore_errors=True)
   head = by_batch.get("16") or next(iter(by_batch.values()))
   print(json.dumps({"benchmark": "sampler", "metric": "new tokens/s", "ours": head["ours"],

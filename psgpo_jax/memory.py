@@ -212,8 +212,8 @@ def kv_cache_bytes(cfg: ModelConfig, mesh, rules: Mapping[str, Any], rollout_bat
   they divide; all layers, keys and values, compute dtype.
   """
   cache_rules = {**rules, "batch": ("data",)}
-  shape = (rollout_batch, max_len, cfg.num_key_value_heads, cfg.kv_head_dim)
-  per_layer = _shard_elems(("batch", "length", "kv_heads", "head_dim"), shape, mesh,
+  shape = (rollout_batch, cfg.num_key_value_heads, max_len, cfg.kv_head_dim)
+  per_layer = _shard_elems(("batch", "kv_heads", "length", "head_dim"), shape, mesh,
                            cache_rules)
   itemsize = np.dtype(cfg.compute_dtype).itemsize
   return per_layer * 2 * cfg.num_hidden_layers * itemsize

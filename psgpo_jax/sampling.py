@@ -428,7 +428,7 @@ def _prefill(model: CausalLM, params, tokens: Array, mask: Array, max_new: int,
   Args:
     tokens, mask: [P, L] left-padded prompts (the last column is real in every row).
   Returns:
-    cache (per layer [P*n, L+M, KV, Dh]), kv_mask [P*n, L+M], logits of the last prompt
+    cache (per layer [P*n, KV, L+M, Dh]), kv_mask [P*n, L+M], logits of the last prompt
     token [P*n, V], positions of the first new token [P*n].
   """
   p, length = tokens.shape

@@ -67,7 +67,7 @@ class CausalLM(nn.Module):
       tokens: [B, T] new tokens (T = prompt length at prefill, 1 per decode step).
       positions: [B, T] their positions.
       kv_mask: [B, S] 1 for cache slots holding real tokens, new ones included.
-      cache: per-layer (keys, values), each [B, S, KV, Dh] (`init_cache`).
+      cache: per-layer (keys, values), each [B, KV, S, Dh] (`init_cache`).
       cache_index: scalar slot where the new tokens go.
     Returns:
       (logits [B, T, V] float32, updated cache).

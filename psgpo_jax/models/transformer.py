@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from psgpo_jax.models.config import ModelConfig
 
 Array = jax.Array
-LayerCache = Tuple[Array, Array]           # keys, values: [B, S, KV, Dh] each
+LayerCache = Tuple[Array, Array]           # keys, values: [B, KV, S, Dh] each
 KVCache = Tuple[LayerCache, ...]           # one per layer
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -136,7 +136,9 @@ class Attention(nn.Module):
       x: [B, T, D] hidden states of the new tokens.
       positions: [B, T] their positions.
       mask: [B, T, S] bool, from `attention_mask`.
-      cache: None (then S = T) or (keys, values), each [B, S, KV, Dh].
+      cache: None (then S = T) or (keys, values), each [B, KV, S, Dh]: heads before
+        slots, so decoding reads each head's keys as one contiguous [S, Dh] matrix
+        instead of transposing the whole cache every step.
       cache_index: scalar slot where the new tokens' keys/values are written.
     Returns:
       ([B, T, D], the updated cache or None).
@@ -149,17 +151,19 @@ class Attention(nn.Module):
     v = HeadProjection(cfg, kv, "kv_heads", name="v_proj")(x)
     q = rotary_embedding(q, positions, cfg.rope_theta)
     k = rotary_embedding(k, positions, cfg.rope_theta)
+    kv_layout = "bskd"                     # keys/values as projected: [B, T, KV, Dh]
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
-      cache = (k, v)
+      write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+          c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, 2)
+      k, v = write(cache[0], k), write(cache[1], v)
+      cache, kv_layout = (k, v), "bksd"
     b, t = q.shape[:2]
     q = q.reshape(b, t, kv, h // kv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k.astype(dt),
                         preferred_element_type=jnp.float32) * (dh ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
     return OutProjection(cfg, name="o_proj")(out), cache
 
 
@@ -283,8 +287,8 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-  """Zeros for every layer's keys and values: each [B, S, KV, Dh]."""
-  shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.kv_head_dim)
+  """Zeros for every layer's keys and values: each [B, KV, S, Dh]."""
+  shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.kv_head_dim)
   dtype = dtype or cfg.compute_dtype
   return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                for _ in range(cfg.num_hidden_layers))
