@@ -23,13 +23,18 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 
 def default_buckets(max_length: int, smallest: int = 32) -> tuple:
-  """Powers of two from `smallest` up to `max_length` (inclusive, rounded up)."""
+  """Powers of two from `smallest` and their 1.5x midpoints, up to `max_length` rounded up.
+
+  E.g. (32, 48, 64, 96, 128, 192, 256): padding wastes at most a third of a row's
+  compute, with two shapes per doubling of length to compile.
+  """
   out, b = [], smallest
-  while b < max_length:
-    out.append(b)
+  while True:
+    for size in (b, b * 3 // 2):
+      out.append(size)
+      if size >= max_length:
+        return tuple(out)
     b *= 2
-  out.append(max(b, smallest))
-  return tuple(out)
 
 
 def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

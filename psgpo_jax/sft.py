@@ -49,15 +49,28 @@ def make_sft_loss(model_cfg: ModelConfig) -> Callable:
 
 
 def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int,
-                pad_id: int, buckets: Sequence[int], rng: np.random.Generator):
+                pad_id: int, buckets: Sequence[int], rng: np.random.Generator,
+                group_size: int = 16):
   """Endless shuffled batches of (prompt ids, response ids) pairs, epoch after epoch.
+
+  Length grouping: each epoch's shuffled order is cut into groups of `group_size`
+  batches, each group is sorted by length and cut into batches, and the batches are
+  shuffled. Rows of a batch then have similar lengths, so little compute goes to padding
+  (on the synthetic suite about half the tokens a random batch would pad to); the order
+  stays random at the scale of an epoch. `group_size=1` gives plain shuffled batches.
 
   Yields dicts of [batch_size, T] arrays from `batching.pack_sequences`.
   """
+  lengths = np.array([len(p) + len(r) for p, r in pairs])
   while True:
     order = rng.permutation(len(pairs))
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-      chosen = [pairs[i] for i in order[start:start + batch_size]]
+    order = order[:len(order) - len(order) % batch_size]        # whole batches only
+    span = batch_size * max(1, group_size)
+    groups = [order[i:i + span] for i in range(0, len(order), span)]
+    grouped = np.concatenate([g[np.argsort(lengths[g], kind="stable")] for g in groups])
+    batches = grouped.reshape(-1, batch_size)
+    for rows in batches[rng.permutation(len(batches))]:
+      chosen = [pairs[i] for i in rows]
       yield batching.pack_sequences([p for p, _ in chosen], [r for _, r in chosen], pad_id,
                                     buckets)
 
@@ -69,7 +82,7 @@ def batch_arrays(batch: Dict[str, np.ndarray]) -> Dict[str, Array]:
 
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
-              weight_decay: float = 0.0, buckets: Sequence[int] = (64, 128, 256, 512),
+              weight_decay: float = 0.0, buckets: Sequence[int] = (),
               writer=None, show_progress: bool = True):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
 
@@ -78,6 +91,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     pairs: list of (prompt token ids, response token ids incl. EOS).
     steps, batch_size, learning_rate, warmup_steps, weight_decay: the optimisation.
     pad_id: padding token id.
+    buckets: padded row lengths; () = `batching.default_buckets` of the longest pair.
     writer: optional MetricWriter (metrics under `sft/`).
   """
   from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
@@ -91,6 +105,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   state = train_step.TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer)
   step_fn = train_step.make_train_step(train_step.gradient_update(make_sft_loss(model_cfg),
                                                                   optimizer))
+  buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
   batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed))
   rng = jax.random.PRNGKey(seed)
   metrics = {}

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psgpo_jax.batching import pack_sequences
+from psgpo_jax.batching import default_buckets, pack_sequences
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
-from psgpo_jax.sft import make_sft_loss, token_nll, train_sft
+from psgpo_jax.sft import make_sft_loss, sft_batches, token_nll, train_sft
 
 CFG = ModelConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 
@@ -45,3 +45,26 @@ def test_sft_learns_a_deterministic_continuation():
                          pad_id=0, show_progress=False)
   assert metrics["loss"] < 0.2 < float(before["loss"])
   assert metrics["token_accuracy"] == 1.0
+
+
+def test_default_buckets_double_with_midpoints_and_cover_the_longest():
+  assert default_buckets(150) == (32, 48, 64, 96, 128, 192)
+  assert default_buckets(192) == (32, 48, 64, 96, 128, 192)
+  assert default_buckets(20) == (32,)
+
+
+def test_length_grouped_batches_cover_each_pair_once_per_epoch_and_pad_less():
+  rng = np.random.default_rng(0)
+  pairs = [([1] * int(n), [2] * 3) for n in rng.integers(5, 150, size=512)]
+  buckets = default_buckets(160)
+  batches = sft_batches(pairs, 16, 0, buckets, np.random.default_rng(1))
+  epoch = [next(batches) for _ in range(512 // 16)]
+  seen = sorted(int(b["attention_mask"][i].sum()) for b in epoch for i in range(16))
+  assert seen == sorted(len(p) + len(r) for p, r in pairs)
+  padded = sum(b["tokens"].size for b in epoch)
+  plain = sft_batches(pairs, 16, 0, buckets, np.random.default_rng(1), group_size=1)
+  padded_plain = sum(next(plain)["tokens"].size for _ in range(512 // 16))
+  assert padded < 0.7 * padded_plain
+  # Batches of one group come out in a shuffled order, not sorted by length.
+  widths = [b["tokens"].shape[1] for b in epoch]
+  assert widths != sorted(widths)
