@@ -16,6 +16,11 @@ Resolution of a logical spec against a concrete shape (`logical_to_mesh_spec`):
   * a dimension not divisible by the product of its mesh axes' sizes is replicated instead
     (logged once), e.g. `kv_heads=2` on `tensor=8`.
 
+Activations: `with_activation_sharding(fn, mesh)` traces `fn` under the same rules in
+Flax's form (`flax_rules`) and the mesh, so the model's `nn.with_logical_constraint`
+calls (hidden states between layers) pin activations; `train_step.make_train_step` does
+this for every step it builds with a mesh.
+
 Multi-host: `initialize_distributed` wraps `jax.distributed.initialize`; each host builds
 its share of a batch and `global_batch_from_local` assembles the global array.
 """
@@ -25,6 +30,7 @@ import logging
 import math
 from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -202,6 +208,48 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def flax_rules(mesh: Mesh, rules: Optional[Rules] = None) -> Tuple[Tuple[str, Any], ...]:
+  """Our rules as Flax's `(logical name, mesh axes)` pairs, dropping axes `mesh` lacks.
+
+  Args:
+    mesh: the device mesh.
+    rules: logical name -> mesh axes (`make_rules()` by default).
+  Returns:
+    A tuple of pairs for `nn.logical_axis_rules`; the axes entry is None (replicated), one
+    axis name, or a tuple of names.
+  """
+  rules = make_rules() if rules is None else rules
+  pairs = []
+  for name, axes in rules.items():
+    axes = tuple(a for a in _as_axes(axes) if a in mesh.shape)
+    pairs.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(pairs)
+
+
+def with_activation_sharding(fn, mesh: Mesh, rules: Optional[Rules] = None):
+  """`fn`, traced under the logical-axis rules and the (abstract) mesh.
+
+  Inside, Flax's `nn.with_logical_constraint` becomes a sharding constraint (e.g. the
+  transformer's `constrain_hidden` pins hidden states [B, T, D] to rows over `batch`);
+  without this context those calls are no-ops. Wrap the function before `jax.jit`.
+
+  Args:
+    fn: any traceable function.
+    mesh: the device mesh the jitted function runs on.
+    rules: logical name -> mesh axes (`make_rules()` by default).
+  Returns:
+    A function with `fn`'s signature.
+  """
+  pairs = flax_rules(mesh, rules)
+
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(pairs):
+      return fn(*args, **kwargs)
+
+  traced.__name__ = getattr(fn, "__name__", "traced")
+  return traced
+
+
 # ----------------------------------------------------------------------------- params
 
 
@@ -273,6 +321,32 @@ def batch_sharding(mesh: Mesh, rules: Optional[Rules] = None) -> NamedSharding:
   """
   axes = _mesh_axes_for("batch", make_rules() if rules is None else rules, mesh)
   return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def batch_axis_size(mesh: Mesh, rules: Optional[Rules] = None) -> int:
+  """How many ways `batch_sharding` splits rows: the product of the `batch` axes' sizes."""
+  axes = _mesh_axes_for("batch", make_rules() if rules is None else rules, mesh)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_rows(rows: int, mesh: Mesh, rules: Optional[Rules] = None,
+                     what: str = "the batch", fix: str = "") -> None:
+  """Raises a ValueError naming what to change unless `rows` splits evenly over the mesh.
+
+  Args:
+    rows: rows of every batch the step will see.
+    mesh, rules: as in `batch_sharding`.
+    what: how the config produces `rows` (e.g. "prm.batch_size").
+    fix: the config fields to change, for the message (defaults to `what`).
+  """
+  ways = batch_axis_size(mesh, rules)
+  if rows % ways:
+    axes = _mesh_axes_for("batch", make_rules() if rules is None else rules, mesh)
+    sizes = {a: int(mesh.shape[a]) for a in axes}
+    raise ValueError(
+        f"{what} = {rows} rows cannot be split over the mesh's batch axes {sizes} "
+        f"({ways} ways). Make it a multiple of {ways}: change {fix or what}, or "
+        f"mesh.shape (now {dict(mesh.shape)}).")
 
 
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules: Optional[Rules] = None

@@ -10,7 +10,8 @@ Three layers, each a pure function:
     non-finite guard. Pure and traceable, so PPO composes it inside `lax.scan` over epochs
     and minibatches.
   * `make_train_step(update, mesh, state_shardings, batch_shardings)`: `jax.jit` with
-    explicit in/out shardings and the state donated.
+    explicit in/out shardings and the state donated; with a mesh the update is traced
+    under the logical-axis rules (`sharding.with_activation_sharding`).
 
     optimizer = make_optimizer(lr=1e-4, total_steps=1000, schedule="cosine")
     shardings = state_shardings(CausalLM(cfg), optimizer, mesh)
@@ -215,7 +216,8 @@ def multi_gradient_update(loss_fn: LossFn, optimizers: Mapping[str, optax.Gradie
 
 def make_train_step(update_fn: UpdateFn, mesh: Optional[Mesh] = None,
                     state_shardings: Any = None, batch_shardings: Any = None,
-                    donate: bool = True) -> UpdateFn:
+                    donate: bool = True, rules: Optional[sharding_lib.Rules] = None
+                    ) -> UpdateFn:
   """Jits `update_fn(state, batch, rng) -> (state, metrics)` once for all same-shape batches.
 
   Args:
@@ -227,8 +229,11 @@ def make_train_step(update_fn: UpdateFn, mesh: Optional[Mesh] = None,
       every array needs rank >= 1 and a row count divisible by those axes' size; else
       pass `sharding.batch_shardings(example_batch, mesh)`, which replicates the rest).
     donate: donate the input state's buffers (the caller must not reuse them).
+    rules: logical name -> mesh axes for the activation constraints (default rules).
   Returns:
-    The jitted step. With a mesh the rng and all metrics are replicated.
+    The jitted step. With a mesh the rng and all metrics are replicated, and the update
+    is traced under `sharding.with_activation_sharding(update_fn, mesh, rules)`, so the
+    model's activation constraints (hidden states split by rows) are active.
   """
   donate_argnums = (0,) if donate else ()
   if mesh is None:
@@ -239,6 +244,7 @@ def make_train_step(update_fn: UpdateFn, mesh: Optional[Mesh] = None,
   if batch_shardings is None:
     batch_shardings = sharding_lib.batch_sharding(mesh)
   rep = sharding_lib.replicated(mesh)
+  update_fn = sharding_lib.with_activation_sharding(update_fn, mesh, rules)
   return jax.jit(update_fn, in_shardings=(state_shardings, batch_shardings, rep),
                  out_shardings=(state_shardings, rep), donate_argnums=donate_argnums)
 

@@ -9,9 +9,10 @@ For each mesh (data, fsdp, tensor) in (8,1,1), (2,4,1), (2,2,2), (1,1,8):
   * params and Adam moments are sharded as the rules say (`.sharding` of every leaf,
     against `sharding.logical_to_mesh_spec` of its logical axes, and the shard shapes).
 
-The PPO update runs with the activation-sharding context (`nn.logical_axis_rules` + the
-mesh), so the hidden-state constraints in `models/transformer.py` are active; the PRM step
-runs without it. Both must match the single-device numbers.
+`make_train_step` traces every update under the activation-sharding context
+(`sharding.with_activation_sharding`: `nn.logical_axis_rules` + the mesh), so the
+hidden-state constraints in `models/transformer.py` are active in both the PPO update and
+the PRM step. Both must match the single-device numbers.
 
 Adam's normalised step turns reduction-order noise in a gradient that is zero in exact
 arithmetic (e.g. the k-projection bias, to which softmax is invariant) into a full
@@ -21,10 +22,8 @@ test also checks that the update moved the params by about lr.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,25 +58,6 @@ def optimizer(lr=LR):
   """Warmup step at lr 0 (moments only), then lr; eps bounds Adam's noise amplification."""
   return ts.make_optimizer(lr, weight_decay=0.01, warmup_steps=1, total_steps=10,
                            schedule="cosine", eps=1e-4)
-
-
-def flax_rules(mesh, rules=None):
-  """Our rules as Flax's (logical, mesh axes) pairs, dropping axes the mesh lacks."""
-  rules = sharding.make_rules() if rules is None else rules
-  pairs = []
-  for name, axes in rules.items():
-    axes = tuple(a for a in axes if a in mesh.shape)
-    pairs.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
-  return tuple(pairs)
-
-
-def with_activation_sharding(fn, mesh):
-  """`fn` traced under the logical-axis rules and the mesh: activation constraints active."""
-  def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
-        nn.logical_axis_rules(flax_rules(mesh)):
-      return fn(*args)
-  return traced
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-5):
@@ -195,8 +175,7 @@ def sharded_ppo(reference, shape):
   if shape not in _PPO_RESULTS:
     mesh = sharding.make_mesh(shape)
     shardings = ts.state_shardings(MODULES, reference["optimizers"], mesh)
-    step = ts.make_train_step(with_activation_sharding(reference["ppo_update"], mesh), mesh,
-                              shardings)
+    step = ts.make_train_step(reference["ppo_update"], mesh, shardings)
     state = ts.place_state(reference["ppo_initial"], shardings)
     state, metrics = step(state, ppo_batch(), jax.random.PRNGKey(5))
     _PPO_RESULTS[shape] = (mesh, shardings, state, metrics)
@@ -291,7 +270,22 @@ def test_activation_constraints_apply_only_under_rules():
   plain = str(jax.make_jaxpr(forward)(params, tokens))
   assert "sharding_constraint" not in plain
   mesh = sharding.make_mesh((2, 4, 1))
-  constrained = str(jax.make_jaxpr(with_activation_sharding(forward, mesh))(params, tokens))
+  constrained = str(jax.make_jaxpr(sharding.with_activation_sharding(forward, mesh))(
+      params, tokens))
   # The embedding table (gathered over fsdp) and the hidden states after the embedding and
   # after each layer.
   assert constrained.count("sharding_constraint") == 2 + CFG.num_hidden_layers
+
+
+def test_train_step_on_a_mesh_traces_the_activation_constraints(reference):
+  """`make_train_step` with a mesh wraps the update in `with_activation_sharding`."""
+  mesh = sharding.make_mesh((2, 4, 1))
+  shardings = ts.state_shardings(MODULES["value"], reference["prm_optimizer"], mesh)
+  step = ts.make_train_step(reference["prm_update"], mesh, shardings, donate=False)
+  jaxpr = str(jax.make_jaxpr(step)(reference["prm_initial"], prm_batch(),
+                                   jax.random.PRNGKey(6)))
+  assert "sharding_constraint" in jaxpr
+  plain = str(jax.make_jaxpr(ts.make_train_step(reference["prm_update"], donate=False))(
+      reference["prm_initial"], prm_batch(), jax.random.PRNGKey(6)))
+  assert "sharding_constraint" not in plain
+
