@@ -20,7 +20,8 @@ STAGE_FNS = stages.STAGE_FNS
 
 
 class RunContext:
-  """What the stages share, built lazily once: tokenizer, problems, models, sandbox.
+  """What the stages share, built lazily once: tokenizer, problems, models, sandbox, and
+  the device mesh (`config.mesh`) with its sharding rules, which SFT, PRM and RL train on.
 
   Stages hand models to each other through Hugging Face checkpoint directories in the
   run directory (`sft/policy`, `prm/model`, `rl/policy`), so any stage can run alone.
@@ -54,6 +55,24 @@ class RunContext:
   @property
   def model_cfg(self):
     return self._once("model_cfg", lambda: stages.run_model_config(self.config, self.tokenizer))
+
+  @property
+  def mesh(self):
+    """The device mesh of `config.mesh` (after `jax.distributed.initialize()` when
+    `mesh.distributed` is set), built once and shared by every stage."""
+    def build():
+      from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
+      sharding.initialize_distributed(self.config.mesh)
+      return sharding.mesh_from_config(self.config.mesh)
+    return self._once("mesh", build)
+
+  @property
+  def rules(self) -> Dict[str, Any]:
+    """The logical-axis rules: the defaults with `config.mesh.rules` overrides, if any."""
+    def build():
+      from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
+      return sharding.rules_from_config(self.config.mesh)
+    return self._once("rules", build)
 
   @property
   def sandbox(self):

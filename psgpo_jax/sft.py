@@ -4,7 +4,7 @@ The loss goes through the shared step builder (`train_step.py`), like PPO and th
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,15 +75,22 @@ def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size
                                     buckets)
 
 
-def batch_arrays(batch: Dict[str, np.ndarray]) -> Dict[str, Array]:
-  """The model inputs of a packed batch, as device arrays."""
-  return {k: jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "response_mask")}
+def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
+                 rules: Optional[Mapping[str, Any]] = None) -> Dict[str, Array]:
+  """The model inputs of a packed batch ([B, T] each), as device arrays; with a mesh,
+  rows split over its `batch` axes (`sharding.shard_batch`)."""
+  arrays = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask")}
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+  from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
+  return sharding.shard_batch(arrays, mesh, rules)
 
 
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
               weight_decay: float = 0.0, buckets: Sequence[int] = (),
-              writer=None, show_progress: bool = True):
+              writer=None, show_progress: bool = True, mesh: Any = None,
+              rules: Optional[Mapping[str, Any]] = None):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
 
   Args:
@@ -93,25 +100,39 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     pad_id: padding token id.
     buckets: padded row lengths; () = `batching.default_buckets` of the longest pair.
     writer: optional MetricWriter (metrics under `sft/`).
+    mesh: optional device mesh: params and optimizer state sharded by `rules`
+      (`train_step.state_shardings`), rows of each batch split over the `batch` axes
+      (`batch_size` must divide evenly: checked first), activations constrained.
+    rules: logical-axis rules for `mesh` (default `sharding.make_rules()`).
   """
   from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
   if len(pairs) < batch_size:
     raise ValueError(f"The SFT corpus has {len(pairs)} pairs, fewer than sft.batch_size="
                      f"{batch_size}; lower the batch size or add data.")
+  if mesh is not None:
+    from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
+    sharding.check_batch_rows(batch_size, mesh, rules, "sft.batch_size")
   optimizer = train_step.make_optimizer(learning_rate, weight_decay=weight_decay,
                                         warmup_steps=warmup_steps,
                                         total_steps=max(steps, warmup_steps + 1),
                                         schedule="cosine")
   state = train_step.TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer)
-  step_fn = train_step.make_train_step(train_step.gradient_update(make_sft_loss(model_cfg),
-                                                                  optimizer))
+  update = train_step.gradient_update(make_sft_loss(model_cfg), optimizer)
+  if mesh is None:
+    step_fn = train_step.make_train_step(update)
+  else:
+    shardings = train_step.state_shardings(CausalLM(model_cfg), optimizer, mesh, rules)
+    state = train_step.place_state(state, shardings)
+    step_fn = train_step.make_train_step(update, mesh, shardings,
+                                         sharding.batch_sharding(mesh, rules), rules=rules)
   buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
   batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed))
   rng = jax.random.PRNGKey(seed)
   metrics = {}
   bar = progress(range(steps), desc="sft", enabled=show_progress)
   for step in bar:
-    state, metrics = step_fn(state, batch_arrays(next(batches)), jax.random.fold_in(rng, step))
+    batch = batch_arrays(next(batches), mesh, rules)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
     if writer is not None or step == steps - 1 or step % 20 == 0:
       metrics = jax.device_get(metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")

@@ -163,7 +163,8 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
         batch_size=config.sft.batch_size, learning_rate=config.sft.learning_rate,
         pad_id=ctx.tokenizer.pad_token_id, seed=config.seed,
         warmup_steps=config.sft.warmup_steps, weight_decay=config.sft.weight_decay,
-        writer=writer, show_progress=config.logging.progress)
+        writer=writer, show_progress=config.logging.progress, mesh=ctx.mesh,
+        rules=ctx.rules)
   save_model(_policy_dir(ctx, "sft"), ctx.model_cfg, params)
   greedy = _greedy_pass_rate(ctx, params, ctx.problems["eval"], config.seed)
   return {"loss": metrics["loss"], "token_accuracy": metrics["token_accuracy"],
@@ -189,7 +190,7 @@ def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: b
   workdir = ctx.stage_dir(name)
   trainer = RLTrainer(config, _rl_setup(ctx, evaluate=True), workdir, sft_policy(ctx),
                       prm_params, steps=steps, dense_reward=dense_reward, value_init=value_init,
-                      snapshot_every=snapshot_every)
+                      snapshot_every=snapshot_every, mesh=ctx.mesh, rules=ctx.rules)
   try:
     trainer.maybe_restore()
     with MetricWriter(workdir) as writer:
@@ -281,8 +282,8 @@ def run_prm(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
     params, metrics = prm_train.train_prm(
         sft_policy(ctx), ctx.model_cfg, ctx.tokenizer, rows,
         prm_train.PRMTrainConfig.from_config(config, max_len=max_len), out_dir,
-        ctx.tokenizer.pad_token_id, seed=config.seed, writer=writer,
-        show_progress=config.logging.progress)
+        ctx.tokenizer.pad_token_id, seed=config.seed, mesh=ctx.mesh, rules=ctx.rules,
+        writer=writer, show_progress=config.logging.progress)
   save_model(os.path.join(out_dir, "model"), ctx.model_cfg, params, "scalar")
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

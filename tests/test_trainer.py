@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from experiments.common import load_config
-from psgpo_jax import pipeline, stages
+from psgpo_jax import pipeline, sharding, stages
+from psgpo_jax.models import CausalLM, ScalarModel, logical_axes
 from psgpo_jax.rl import trainer as trainer_lib
 from psgpo_jax.rollout import Rollouts
 from psgpo_jax.sandbox import Result
@@ -54,15 +56,17 @@ def test_rollout_batch_marks_line_ends_on_newline_tokens(ctx):
   assert batch["passed"][0] == 1.0
 
 
-def _trainer(ctx, workdir, steps, value_params_nan=False):
-  config = ctx.config
+def _trainer(ctx, workdir, steps, value_params_nan=False, mesh=None, config=None,
+             snapshot_every=0):
+  config = config or ctx.config
   cfg = ctx.model_cfg
   policy = stages.initial_policy(ctx)
   prm = trainer_lib.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"], ctx.problems["eval"],
                               ctx.sandbox)
   t = trainer_lib.RLTrainer(config, setup, str(workdir), policy, prm, steps=steps,
-                            dense_reward=True, value_init="prm")
+                            dense_reward=True, value_init="prm", mesh=mesh,
+                            snapshot_every=snapshot_every)
   if value_params_nan:
     value = t.state["ppo"]["value"]
     t.state["ppo"]["value"] = value.replace(
@@ -70,10 +74,18 @@ def _trainer(ctx, workdir, steps, value_params_nan=False):
   return t
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(ctx, tmp_path):
-  full = _trainer(ctx, tmp_path / "full", steps=2)
+@pytest.fixture(scope="module")
+def one_device_run(ctx, tmp_path_factory):
+  """Two uninterrupted steps on one device, keeping the policy after each step."""
+  full = _trainer(ctx, tmp_path_factory.mktemp("full"), steps=2, snapshot_every=1)
   full.run(show_progress=False)
   full.close()
+  return full
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(ctx, one_device_run,
+                                                                  tmp_path):
+  full = one_device_run
   first = _trainer(ctx, tmp_path / "resumed", steps=1)        # "killed" after step 1
   first.run(show_progress=False)
   first.close()
@@ -102,3 +114,88 @@ def test_non_finite_updates_are_skipped_then_training_stops(ctx, tmp_path):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert t.checkpointer.latest_step() is None        # nothing NaN was written
   config.rl.max_nonfinite_steps = 3
+
+
+def test_local_problem_order_splits_each_step_between_processes():
+  for step in range(3):
+    whole = trainer_lib.problem_order(10, step, 4, seed=1)
+    np.testing.assert_array_equal(trainer_lib.local_problem_order(10, step, 4, 1), whole)
+    shares = [trainer_lib.local_problem_order(10, step, 4, 1, p, 2) for p in range(2)]
+    assert [len(x) for x in shares] == [2, 2]
+    np.testing.assert_array_equal(np.concatenate(shares), whole)      # process order = rows
+    quarters = [trainer_lib.local_problem_order(10, step, 4, 1, p, 4) for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(quarters), whole)
+  with pytest.raises(ValueError, match="rl.prompts_per_step=4 cannot be split evenly over 3"):
+    trainer_lib.local_problem_order(10, 0, 4, 1, 0, 3)
+  with pytest.raises(ValueError, match="process_index=2"):
+    trainer_lib.local_problem_order(10, 0, 4, 1, 2, 2)
+
+
+def test_trainer_rejects_a_batch_the_mesh_cannot_split(ctx, tmp_path):
+  config = ctx.config.copy_and_resolve_references()
+  config.rl.prompts_per_step, config.rl.num_minibatches = 3, 1     # 6 rows on data=8
+  with pytest.raises(ValueError, match=r"rl.prompts_per_step \* rl.samples_per_prompt = 6 "
+                                       r"rows .* change rl.prompts_per_step or "
+                                       r"rl.samples_per_prompt, or mesh.shape"):
+    _trainer(ctx, tmp_path, steps=1, mesh=sharding.make_mesh((8, 1, 1)), config=config)
+
+
+def _assert_sharded_by_the_rules(params, module, mesh):
+  specs = jax.tree_util.tree_leaves(logical_axes(module), is_leaf=lambda x: isinstance(x, P))
+  leaves = jax.tree_util.tree_leaves(params)
+  assert len(specs) == len(leaves)
+  for leaf, spec in zip(leaves, specs):
+    assert leaf.sharding.mesh.shape == mesh.shape
+    assert leaf.sharding.spec == sharding.logical_to_mesh_spec(spec, leaf.shape, mesh)
+
+
+# `value_clip_frac` counts a comparison that is a tie in exact arithmetic wherever the value
+# is not clipped, decided by float rounding (see tests/test_mesh_parity.py).
+LOOSE_METRICS = {"ppo/value_clip_frac": 0.05}
+
+
+@pytest.mark.parametrize("steps", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_rl_steps_on_an_8_device_mesh_match_one_device(ctx, one_device_run, tmp_path, steps):
+  """PSGPO steps (sample, test, score, GAE, PPO) on a (2, 2, 2) mesh vs one device.
+
+  What is compared: the sampler keys every row by (row, step), so step 0 draws the same
+  responses from the same initial policy on any mesh; step 1 samples from the updated
+  policy, which differs only by reduction-order rounding (~1e-6), so the same tokens are
+  drawn unless a draw sits on a probability boundary (none does for this seed). Hence the
+  pass rates, line counts and finish reasons must be equal, and the float metrics
+  (rewards, KL, PPO losses, gradient norms, ...) and the trained policy close (rtol 1e-3,
+  atol 1e-5: Adam's normalised steps amplify rounding differences in near-zero gradients,
+  see tests/test_mesh_parity.py). The one-step version runs by default; two steps
+  (a second compile for the new row length) is marked slow.
+  """
+  mesh = sharding.make_mesh((2, 2, 2))
+  meshed = _trainer(ctx, tmp_path, steps=steps, mesh=mesh)
+  cfg = ctx.model_cfg
+  _assert_sharded_by_the_rules(meshed.state["ref"], CausalLM(cfg), mesh)
+  meshed.run(show_progress=False)
+  meshed.close()
+  state = meshed.state
+  _assert_sharded_by_the_rules(state["ppo"]["policy"].params, CausalLM(cfg), mesh)
+  _assert_sharded_by_the_rules(state["ppo"]["value"].params, ScalarModel(cfg), mesh)
+  _assert_sharded_by_the_rules(state["prm"], ScalarModel(cfg), mesh)
+  kernel = state["ppo"]["policy"].params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp", "tensor")                # really split 4 ways
+  assert kernel.addressable_shards[0].data.size == kernel.size // 4
+  exact = ("reward/pass_rate", "reward/lines_per_response", "rollout/finished_by_eos")
+  assert len(meshed.history) == steps
+  for expected, actual in zip(one_device_run.history, meshed.history):
+    assert set(expected) == set(actual)
+    for key, value in expected.items():
+      if key.startswith("time/"):
+        continue
+      assert np.isfinite(actual[key]), key
+      if key in exact:
+        assert actual[key] == value, key
+      else:
+        np.testing.assert_allclose(actual[key], value, rtol=1e-3,
+                                   atol=LOOSE_METRICS.get(key, 1e-5), err_msg=key)
+  snapshot = os.path.join(one_device_run.workdir, "snapshots", f"step_{steps:06d}")
+  expected_policy = stages.load_model(snapshot)
+  for a, b in zip(jax.tree_util.tree_leaves(expected_policy),
+                  jax.tree_util.tree_leaves(meshed.policy_params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)

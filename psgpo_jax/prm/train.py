@@ -517,7 +517,8 @@ def init_prm_params(policy_params: Any, model_cfg: ModelConfig, rng: Array) -> A
 def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
               rows: Sequence[Row], config: PRMTrainConfig, out_dir: str, pad_id: int,
               seed: int = 0, mesh: Any = None, writer: Any = None,
-              show_progress: bool = True) -> Tuple[Any, Dict[str, Any]]:
+              show_progress: bool = True, rules: Optional[Mapping[str, Any]] = None
+              ) -> Tuple[Any, Dict[str, Any]]:
   """Trains a PRM on labeled rows; writes `metrics.json` and `calibration.png`.
 
   Args:
@@ -529,8 +530,11 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     out_dir: where metrics.json and calibration.png go.
     pad_id: padding token id.
     seed: split, init, shuffling.
-    mesh: optional device mesh; the step is then sharded (`train_step.state_shardings`).
+    mesh: optional device mesh; the step is then sharded (`train_step.state_shardings`),
+      batch rows split over the mesh's `batch` axes (`config.batch_size` must divide
+      evenly: checked before anything runs) and activations constrained by the rules.
     writer: optional MetricWriter (metrics under `prm/`).
+    rules: logical-axis rules for `mesh` (default `sharding.make_rules()`).
   Returns:
     (PRM params, metrics): held-out metrics before (`init/...`) and after training,
     the last training metrics (`train/...`), counts and seconds.
@@ -538,6 +542,9 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.labeling import balance_lines  # pylint: disable=import-outside-toplevel
   start = time.time()
+  if mesh is not None:
+    from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
+    sharding.check_batch_rows(config.batch_size, mesh, rules, "prm.batch_size")
   os.makedirs(out_dir, exist_ok=True)
   train_rows, eval_rows = split_by_prompt(rows, config.eval_fraction, seed)
   if config.balance:
@@ -565,9 +572,10 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   if mesh is None:
     step_fn = train_step.make_train_step(update)
   else:
-    shardings = train_step.state_shardings(ScalarModel(model_cfg), optimizer, mesh)
+    shardings = train_step.state_shardings(ScalarModel(model_cfg), optimizer, mesh, rules)
     state = train_step.place_state(state, shardings)
-    step_fn = train_step.make_train_step(update, mesh, shardings)
+    step_fn = train_step.make_train_step(update, mesh, shardings,
+                                         sharding.batch_sharding(mesh, rules), rules=rules)
   batches = train_batches(examples, config.batch_size, pad_id, buckets,
                           np.random.default_rng(seed))
   train_metrics: Dict[str, float] = {}

@@ -20,14 +20,15 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from psgpo_jax import batching, checkpointing, tokenization, train_step
+from psgpo_jax import batching, checkpointing, sharding, tokenization, train_step
 from psgpo_jax.logging import MetricWriter, progress
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.models import scalar_params_from_causal
@@ -38,6 +39,7 @@ from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler, SamplingConfig
 
 Array = jax.Array
+RulesKey = Optional[Tuple[Tuple[str, Any], ...]]     # hashable rules: sorted (name, axes)
 ROLLOUT_KEYS = ("tokens", "attention_mask", "response_mask", "line_end_mask",
                 "trivial_line_mask")
 
@@ -78,15 +80,28 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   return batch
 
 
+def rules_key(rules: Optional[Mapping[str, Any]]) -> RulesKey:
+  """Sharding rules as a hashable key for the cached builders (None stays None)."""
+  if rules is None:
+    return None
+  return tuple(sorted((str(k), sharding.make_rules({k: v})[k]) for k, v in rules.items()))
+
+
+def _rules(key: RulesKey) -> Optional[dict]:
+  return None if key is None else sharding.make_rules(dict(key))
+
+
 @functools.lru_cache(maxsize=16)
 def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
-                prm_loss: str = "mse") -> Callable:
+                prm_loss: str = "mse", mesh: Optional[Mesh] = None,
+                rules: RulesKey = None) -> Callable:
   """Jitted `score(params, batch) -> dict` of rollout quantities, all [B, T] float32.
 
   `params` is {'policy', 'ref', 'value'[, 'prm']}; outputs `old_logprobs`,
   `ref_logprobs`, `values` (aligned as in `rl.ppo`) and `prm_scores` (`prm.train.score`:
   the PRM's output at each line-end token on the [-1, 1] label scale, 0 elsewhere) when
-  `with_prm`.
+  `with_prm`. With a mesh, the forward passes run under the activation-sharding rules
+  (`rules`: a `rules_key`) and the outputs are split by rows like the batch.
   """
   policy, scalar = CausalLM(model_cfg), ScalarModel(model_cfg)
 
@@ -101,7 +116,10 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
       out["prm_scores"] = prm_train.score(params["prm"], model_cfg, batch, prm_loss)
     return out
 
-  return jax.jit(score)
+  if mesh is None:
+    return jax.jit(score)
+  return jax.jit(sharding.with_activation_sharding(score, mesh, _rules(rules)),
+                 out_shardings=sharding.batch_sharding(mesh, _rules(rules)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -123,16 +141,30 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
 
 @functools.lru_cache(maxsize=16)
 def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float,
-                value_lr: float, grad_clip: float):
-  """(optimizers, the jitted PPO update): built once per setting, so that trainers with
-  the same setting (a resumed run, the ablation's arms) share the compiled function.
-  Learning rates are constant, as in the paper's PPO."""
+                value_lr: float, grad_clip: float, mesh: Optional[Mesh] = None,
+                rules: RulesKey = None):
+  """(optimizers, the jitted PPO update, its state shardings), built once per setting.
+
+  Trainers with the same setting (a resumed run, the ablation's arms) share the compiled
+  function. Learning rates are constant, as in the paper's PPO. Without a mesh the
+  shardings are None and the update is a plain jit; with one, the PPO state
+  ({'policy', 'value'} TrainStates) is sharded as `train_step.state_shardings` says,
+  batch rows are split over the `batch` mesh axes, and the state is donated.
+  `rules` is a `rules_key` (hashable).
+  """
   optimizers = {
       "policy": train_step.make_optimizer(policy_lr, grad_clip=grad_clip),
       "value": train_step.make_optimizer(value_lr, grad_clip=grad_clip)}
-  update = train_step.make_train_step(
-      ppo.make_ppo_update(CausalLM(model_cfg), ScalarModel(model_cfg), optimizers, ppo_cfg))
-  return optimizers, update
+  modules = {"policy": CausalLM(model_cfg), "value": ScalarModel(model_cfg)}
+  update = ppo.make_ppo_update(modules["policy"], modules["value"], optimizers, ppo_cfg)
+  if mesh is None:
+    return optimizers, train_step.make_train_step(update), None
+  full_rules = _rules(rules)
+  shardings = train_step.state_shardings(modules, optimizers, mesh, full_rules)
+  step = train_step.make_train_step(update, mesh, shardings,
+                                    sharding.batch_sharding(mesh, full_rules), donate=True,
+                                    rules=full_rules)
+  return optimizers, step, shardings
 
 
 def init_value_params(value_init: str, model_cfg: ModelConfig, policy_params: Any,
@@ -174,13 +206,44 @@ def problem_order(num_problems: int, step: int, per_step: int, seed: int) -> np.
   return np.asarray(out)
 
 
+def local_problem_order(num_problems: int, step: int, per_step: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """This process's share of `problem_order(...)`: a contiguous block of the step's prompts.
+
+  Process p of n takes prompts [p * per_step / n, (p + 1) * per_step / n) of the step, so
+  the processes' shares, concatenated in process order, are the step's prompts (the rows
+  of the global batch, as `sharding.global_batch_from_local` assembles it). With one
+  process this is `problem_order` itself.
+
+  Raises:
+    ValueError: `per_step` is not divisible by `process_count`.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  if per_step % process_count:
+    raise ValueError(f"rl.prompts_per_step={per_step} cannot be split evenly over "
+                     f"{process_count} processes; make it a multiple of {process_count}.")
+  share = per_step // process_count
+  order = problem_order(num_problems, step, per_step, seed)
+  return order[process_index * share:(process_index + 1) * share]
+
+
 class RLTrainer:
-  """Runs `steps` PSGPO iterations, logging, evaluating and checkpointing as it goes."""
+  """Runs `steps` PSGPO iterations, logging, evaluating and checkpointing as it goes.
+
+  With a `mesh`, every model (policy, value, reference, PRM) and optimizer state lives
+  sharded as the rules say, the scorer and the PPO update run as sharded jits, and the
+  sampler splits prompts over the `data` axis. With several processes (multi-host), each
+  one samples and tests its share of the step's prompts (`local_problem_order`) on its own
+  devices, and the global batch is assembled with `sharding.global_batch_from_local`.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, setup: RLSetup, workdir: str,
                policy_params: Any, prm_params: Optional[Any], *, steps: int,
-               dense_reward: bool, value_init: str, snapshot_every: int = 0):
+               dense_reward: bool, value_init: str, snapshot_every: int = 0,
+               mesh: Optional[Mesh] = None, rules: Optional[Mapping[str, Any]] = None):
     self.config, self.setup, self.workdir = config, setup, workdir
+    self.mesh, self.rules = mesh, rules
     self.steps, self.snapshot_every = steps, snapshot_every
     self.dense_reward = dense_reward
     rl = config.rl
@@ -192,8 +255,17 @@ class RLTrainer:
     self.ppo_cfg = ppo.PPOConfig.from_config(rl, temperature=config.sampling.temperature)
     rows = rl.prompts_per_step * rl.samples_per_prompt
     self.ppo_cfg.minibatch_size(rows)
-    self.optimizers, self.update = make_update(cfg, self.ppo_cfg, float(rl.policy_lr),
-                                               float(rl.value_lr), float(rl.grad_clip))
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    local_problem_order(len(setup.train_problems), 0, rl.prompts_per_step, config.seed,
+                        self.process_index, self.process_count)     # fails early if uneven
+    if mesh is not None:
+      sharding.check_batch_rows(
+          rows, mesh, rules, "rl.prompts_per_step * rl.samples_per_prompt",
+          "rl.prompts_per_step or rl.samples_per_prompt")
+    key = rules_key(rules)
+    self.optimizers, self.update, self.state_shardings = make_update(
+        cfg, self.ppo_cfg, float(rl.policy_lr), float(rl.value_lr), float(rl.grad_clip),
+        mesh, key)
     rng = jax.random.PRNGKey(config.seed)
     value_params = init_value_params(value_init, cfg, policy_params, prm_params,
                                      jax.random.fold_in(rng, 1))
@@ -207,10 +279,13 @@ class RLTrainer:
     }
     if dense_reward:
       self.state["prm"] = prm_params
-    self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward, config.prm.loss)
+    if mesh is not None:
+      self.state = self._place(self.state)
+    self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward, config.prm.loss,
+                              mesh, key)
     self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam)
     self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
-                           setup.tokenizer)
+                           setup.tokenizer, mesh=self._sampling_mesh())
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
     self.buckets = batching.default_buckets(
         max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
@@ -218,6 +293,54 @@ class RLTrainer:
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
     self.history: List[Dict[str, float]] = []
     self.start_step = 0
+
+  # ------------------------------------------------------------------------ placement
+
+  def _place(self, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Puts the whole trainer state on the mesh, each model sharded by the rules."""
+    cfg, mesh, rules = self.setup.model_cfg, self.mesh, self.rules
+    rep = sharding.replicated(mesh)
+    out = dict(state)
+    out["ppo"] = train_step.place_state(state["ppo"], self.state_shardings)
+    out["ref"] = jax.device_put(state["ref"], sharding.param_shardings(CausalLM(cfg), mesh,
+                                                                        rules))
+    if "prm" in state:
+      out["prm"] = jax.device_put(state["prm"], sharding.param_shardings(ScalarModel(cfg), mesh,
+                                                                          rules))
+    out["kl_coef"], out["rng"] = jax.device_put((state["kl_coef"], state["rng"]), rep)
+    return out
+
+  def _sampling_mesh(self) -> Optional[Mesh]:
+    """The global mesh on one process; this process's devices (a 1-D data mesh) on many,
+    since each process samples its own prompts."""
+    if self.mesh is None or self.process_count == 1:
+      return self.mesh
+    return sharding.make_mesh((-1,), ("data",), jax.local_devices())
+
+  def _sampling_params(self) -> Any:
+    """The policy params the sampler reads: as trained on one process; on many, a full
+    local copy (gathered over the global mesh, then taken from a local device)."""
+    params = self.state["ppo"]["policy"].params
+    if self.mesh is None or self.process_count == 1:
+      return params
+    full = jax.device_put(params, sharding.replicated(self.mesh))
+    return jax.tree.map(lambda x: x.addressable_data(0), full)
+
+  def _buckets(self, rollouts: Rollouts) -> Sequence[int]:
+    """Row-length buckets; on many processes, only those that fit every process's longest
+    rollout, so that every process packs its rows to the same length."""
+    if self.process_count == 1:
+      return self.buckets
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    longest = max(len(p) + len(r) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids))
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    return tuple(b for b in self.buckets if b >= longest)
+
+  def _device_batch(self, host: Dict[str, np.ndarray]) -> Dict[str, Array]:
+    """This process's rows as the step's global batch (split by rows over the mesh)."""
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in host.items()}
+    return sharding.global_batch_from_local(host, self.mesh, self.rules)
 
   # ------------------------------------------------------------------------ resume
 
@@ -241,15 +364,18 @@ class RLTrainer:
   # ------------------------------------------------------------------------ one step
 
   def rollout(self, step: int) -> Rollouts:
-    """Samples and tests this step's responses with the current policy."""
+    """Samples and tests this process's share of the step's responses (all of them on one
+    process) with the current policy."""
     rl = self.config.rl
-    index = problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
-                          self.config.seed)
+    index = local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
+                                self.config.seed, self.process_index, self.process_count)
     problems = [self.setup.train_problems[i] for i in index]
     prompt_ids = [self.prompt_ids[i] for i in index]
     key = jax.random.fold_in(self.state["rng"], step)
-    return sample_and_test(self.state["ppo"]["policy"].params, self.sampler, problems,
-                           prompt_ids, self.setup.sandbox, key)
+    if self.process_count > 1:     # distinct draws per process
+      key = jax.random.fold_in(key, self.process_index)
+    return sample_and_test(self._sampling_params(), self.sampler, problems, prompt_ids,
+                           self.setup.sandbox, key)
 
   def train_step(self, step: int) -> Dict[str, float]:
     """One PSGPO iteration; returns its metrics (host floats)."""
@@ -257,14 +383,16 @@ class RLTrainer:
     rollouts = self.rollout(step)
     t1 = time.time()
     host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
-                         self.buckets)
-    batch = {k: jnp.asarray(v) for k, v in host.items()}
+                         self._buckets(rollouts))
+    batch = self._device_batch(host)
     params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"],
               "value": self.state["ppo"]["value"].params}
     if self.dense_reward:
       params["prm"] = self.state["prm"]
     batch.update(self.scorer(params, batch))
     batch, reward_stats = self.advantage_fn(batch, self.state["kl_coef"])
+    if self.mesh is not None:     # rows split as the update's in_shardings (a no-op if so)
+      batch = jax.device_put(batch, sharding.batch_sharding(self.mesh, self.rules))
     key = jax.random.fold_in(jax.random.fold_in(self.state["rng"], step), 1)
     self.state["ppo"], update_metrics = self.update(self.state["ppo"], batch, key)
     metrics = {**{f"reward/{k}": v for k, v in reward_stats.items()},
@@ -272,8 +400,8 @@ class RLTrainer:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if self.reward_cfg.adaptive_kl:
       self.state["kl_coef"] = rewards.update_kl_coef(
-          self.state["kl_coef"], metrics["reward/kl"], len(rollouts), self.reward_cfg.kl_target,
-          self.reward_cfg.kl_horizon)
+          self.state["kl_coef"], metrics["reward/kl"], int(batch["tokens"].shape[0]),
+          self.reward_cfg.kl_target, self.reward_cfg.kl_horizon)
     metrics.update({"time/rollout_s": t1 - t0, "time/step_s": time.time() - t0,
                     "rollout/finished_by_eos": float(np.mean(
                         [r == "eos" for r in rollouts.finish_reason])),
