@@ -162,6 +162,11 @@ class RLSetup:
   evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None   # (params, step) -> metrics
 
 
+def rl_seed(config: ml_collections.ConfigDict) -> int:
+  """The RL stage's seed: `rl.seed`, or the run's `seed` when it is -1."""
+  return int(config.rl.seed) if config.rl.seed >= 0 else int(config.seed)
+
+
 def problem_order(num_problems: int, step: int, per_step: int, seed: int) -> np.ndarray:
   """Problem indices for `step`: epochs of seeded permutations, read `per_step` at a time."""
   start = step * per_step
@@ -194,7 +199,7 @@ class RLTrainer:
     self.ppo_cfg.minibatch_size(rows)
     self.optimizers, self.update = make_update(cfg, self.ppo_cfg, float(rl.policy_lr),
                                                float(rl.value_lr), float(rl.grad_clip))
-    rng = jax.random.PRNGKey(config.seed)
+    rng = jax.random.PRNGKey(rl_seed(config))
     value_params = init_value_params(value_init, cfg, policy_params, prm_params,
                                      jax.random.fold_in(rng, 1))
     self.state = {
@@ -244,7 +249,7 @@ class RLTrainer:
     """Samples and tests this step's responses with the current policy."""
     rl = self.config.rl
     index = problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
-                          self.config.seed)
+                          rl_seed(self.config))
     problems = [self.setup.train_problems[i] for i in index]
     prompt_ids = [self.prompt_ids[i] for i in index]
     key = jax.random.fold_in(self.state["rng"], step)
