@@ -6,9 +6,9 @@ and the same PRM: `--config configs/ablation.py:<arm>` with arm one of
   value  + value model initialised from the PRM (no dense rewards)
   both   + both (PSGPO)
 
-Run the shared stages once (`--config.stages=sft,collect,prm`), then each arm's `rl,eval`
-in its own workdir pointing at the same SFT policy and PRM, e.g. by copying `sft/` and
-`prm/` into each arm's workdir, or run everything per arm and compare `summary.json`s.
+`python -m experiments.ablation --config configs/ablation.py` runs them all (several
+seeds, the safeguard variants) from one shared SFT policy and PRM, and writes
+docs/results.md. `configs/ablation.py:tiny` is the quickstart's tiny variant (tests).
 """
 from configs import quickstart
 
@@ -17,9 +17,14 @@ ARMS = {"none": (False, "policy"), "dense": (True, "policy"), "value": (False, "
 
 
 def get_config(arm: str = "both"):
+  """`arm` is one of ARMS, optionally with ',tiny' (the quickstart's tiny sizes, for tests)."""
+  arm, _, size = arm.partition(",")
+  arm = arm or "both"
+  if arm == "tiny":
+    arm, size = "both", "tiny"
   if arm not in ARMS:
     raise ValueError(f"Unknown ablation arm {arm!r}; choose one of {sorted(ARMS)}.")
-  c = quickstart.get_config()
+  c = quickstart.get_config(size)
   c.workdir = f"runs/ablation_{arm}"
   c.rl.dense_reward, c.rl.value_init = ARMS[arm]
   return c

@@ -50,7 +50,7 @@ def make_sft_loss(model_cfg: ModelConfig) -> Callable:
 
 def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int,
                 pad_id: int, buckets: Sequence[int], rng: np.random.Generator,
-                group_size: int = 16):
+                group_size: int = 1):
   """Endless shuffled batches of (prompt ids, response ids) pairs, epoch after epoch.
 
   Length grouping: each epoch's shuffled order is cut into groups of `group_size`
@@ -58,6 +58,8 @@ def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size
   shuffled. Rows of a batch then have similar lengths, so little compute goes to padding
   (on the synthetic suite about half the tokens a random batch would pad to); the order
   stays random at the scale of an epoch. `group_size=1` gives plain shuffled batches.
+  On the synthetic suite grouping halved the padding but learned slower (loss 0.37 vs
+  0.18 after 1000 steps), so the pipeline leaves it off by default (`sft.length_grouping`).
 
   Yields dicts of [batch_size, T] arrays from `batching.pack_sequences`.
   """
@@ -88,7 +90,7 @@ def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
 
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
-              weight_decay: float = 0.0, buckets: Sequence[int] = (),
+              weight_decay: float = 0.0, buckets: Sequence[int] = (), group_size: int = 1,
               writer=None, show_progress: bool = True, mesh: Any = None,
               rules: Optional[Mapping[str, Any]] = None):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
@@ -99,6 +101,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     steps, batch_size, learning_rate, warmup_steps, weight_decay: the optimisation.
     pad_id: padding token id.
     buckets: padded row lengths; () = `batching.default_buckets` of the longest pair.
+    group_size: batches per length-sorted group (`sft_batches`); 1 = no grouping.
     writer: optional MetricWriter (metrics under `sft/`).
     mesh: optional device mesh: params and optimizer state sharded by `rules`
       (`train_step.state_shardings`), rows of each batch split over the `batch` axes
@@ -126,7 +129,8 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     step_fn = train_step.make_train_step(update, mesh, shardings,
                                          sharding.batch_sharding(mesh, rules), rules=rules)
   buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
-  batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed))
+  batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed),
+                        group_size)
   rng = jax.random.PRNGKey(seed)
   metrics = {}
   bar = progress(range(steps), desc="sft", enabled=show_progress)

@@ -80,3 +80,27 @@ def test_quickstart_improves_held_out_pass_rate(tmp_path):
   summary = json.load(open(os.path.join(tmp_path, "summary.json")))
   assert summary["prm"]["auroc"] > 0.6
   assert summary["eval"]["after.pass@1"] > summary["eval"]["before.pass@1"]
+
+
+def test_ablation_script_trains_each_setting_per_seed_and_writes_the_report(tiny_run, tmp_path):
+  """experiments.ablation on the tiny pipeline's SFT policy and PRM (linked as 'shared')."""
+  workdir, _ = tiny_run
+  root, docs = tmp_path / "ablation", tmp_path / "docs"
+  root.mkdir()
+  os.symlink(workdir, root / "shared")
+  stdout = _run("experiments.ablation", "--config", "configs/ablation.py:tiny",
+                f"--workdir={root}", "--seeds=0,1", "--arms=none,both", "--variants=",
+                f"--report_dir={docs}")
+  assert "sft" not in stdout.split("===")[0].replace("[sft] output exists", "")  # shared reused
+  report = (docs / "results.md").read_text()
+  assert "| no PRM | 2 |" in report and "| both (PSGPO) | 2 |" in report
+  assert "Both together beat no PRM" in report
+  for png in ("best_of_k.png", "pass_by_horizon.png", "training_monitors.png"):
+    assert (docs / png).stat().st_size > 1000, png
+  # The seeds vary the RL stage: different rollouts, so different training metrics.
+  metrics = [[json.loads(l) for l in open(root / "both" / f"seed{s}" / "rl" / "metrics.jsonl")]
+             for s in (0, 1)]
+  assert [m["ppo/policy_loss"] for m in metrics[0]] != [m["ppo/policy_loss"] for m in metrics[1]]
+  # ...from the same SFT policy and PRM.
+  assert os.path.realpath(root / "none" / "seed0" / "sft") == os.path.realpath(
+      os.path.join(workdir, "sft"))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from psgpo_jax import batching
 from psgpo_jax.data import synthetic
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.prm import labeling as lab
@@ -126,7 +127,11 @@ def test_batches_put_labels_on_the_newline_tokens(tokenizer):
   rows[0]["line_used"] = [1] + [0] * (len(rows[0]["line_labels"]) - 1)
   batches = prm.make_prm_batches(rows, tokenizer, max_len=256, batch_size=3,
                                  pad_id=tokenizer.pad_token_id)
-  assert [b["tokens"].shape for b in batches] == [(3, 128), (3, 128)]
+  # Rows are padded to the smallest default bucket that holds the batch's longest row.
+  buckets = batching.default_buckets(256)
+  for b in batches:
+    longest = int(b["attention_mask"].sum(-1).max())
+    assert b["tokens"].shape == (3, batching.bucket_length(longest, buckets))
   assert sorted(r for b in batches for r in b["row_index"] if r >= 0) == [0, 1, 2, 3]
   for batch in batches:
     for i, r in enumerate(batch["row_index"]):

@@ -57,7 +57,7 @@ def test_length_grouped_batches_cover_each_pair_once_per_epoch_and_pad_less():
   rng = np.random.default_rng(0)
   pairs = [([1] * int(n), [2] * 3) for n in rng.integers(5, 150, size=512)]
   buckets = default_buckets(160)
-  batches = sft_batches(pairs, 16, 0, buckets, np.random.default_rng(1))
+  batches = sft_batches(pairs, 16, 0, buckets, np.random.default_rng(1), group_size=16)
   epoch = [next(batches) for _ in range(512 // 16)]
   seen = sorted(int(b["attention_mask"][i].sum()) for b in epoch for i in range(16))
   assert seen == sorted(len(p) + len(r) for p, r in pairs)

@@ -194,6 +194,11 @@ class RLSetup:
   evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None   # (params, step) -> metrics
 
 
+def rl_seed(config: ml_collections.ConfigDict) -> int:
+  """The RL stage's seed: `rl.seed`, or the run's `seed` when it is -1."""
+  return int(config.rl.seed) if config.rl.seed >= 0 else int(config.seed)
+
+
 def problem_order(num_problems: int, step: int, per_step: int, seed: int) -> np.ndarray:
   """Problem indices for `step`: epochs of seeded permutations, read `per_step` at a time."""
   start = step * per_step
@@ -256,7 +261,7 @@ class RLTrainer:
     rows = rl.prompts_per_step * rl.samples_per_prompt
     self.ppo_cfg.minibatch_size(rows)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
-    local_problem_order(len(setup.train_problems), 0, rl.prompts_per_step, config.seed,
+    local_problem_order(len(setup.train_problems), 0, rl.prompts_per_step, rl_seed(config),
                         self.process_index, self.process_count)     # fails early if uneven
     if mesh is not None:
       sharding.check_batch_rows(
@@ -266,7 +271,7 @@ class RLTrainer:
     self.optimizers, self.update, self.state_shardings = make_update(
         cfg, self.ppo_cfg, float(rl.policy_lr), float(rl.value_lr), float(rl.grad_clip),
         mesh, key)
-    rng = jax.random.PRNGKey(config.seed)
+    rng = jax.random.PRNGKey(rl_seed(config))
     value_params = init_value_params(value_init, cfg, policy_params, prm_params,
                                      jax.random.fold_in(rng, 1))
     self.state = {
@@ -368,7 +373,7 @@ class RLTrainer:
     process) with the current policy."""
     rl = self.config.rl
     index = local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
-                                self.config.seed, self.process_index, self.process_count)
+                                rl_seed(self.config), self.process_index, self.process_count)
     problems = [self.setup.train_problems[i] for i in index]
     prompt_ids = [self.prompt_ids[i] for i in index]
     key = jax.random.fold_in(self.state["rng"], step)
