@@ -99,7 +99,11 @@ def run_all(base, root: str, plan: Sequence[Tuple[str, int]]) -> None:
   shared = base.copy_and_resolve_references()
   shared.workdir = os.path.join(root, "shared")
   shared.stages = ",".join(SHARED_STAGES)
-  pipeline.run(shared)
+  done = [os.path.exists(os.path.join(shared.workdir, s, "result.json")) for s in SHARED_STAGES]
+  if all(done):            # e.g. a linked quickstart run: leave its config and summary alone
+    print(f"shared stages {', '.join(SHARED_STAGES)} done in {shared.workdir}: reused")
+  else:
+    pipeline.run(shared)
   for i, (setting, seed) in enumerate(plan):
     run_dir = os.path.join(root, setting, f"seed{seed}")
     print(f"=== [{i + 1}/{len(plan)}] {LABELS[setting]}, seed {seed}: {run_dir}", flush=True)
