@@ -154,10 +154,10 @@ def setting_table(runs: Mapping[str, Sequence[Dict[str, Any]]]) -> Dict[str, Dic
 
 
 def mean_curve(dicts: Sequence[Mapping[Any, float]]) -> Dict[int, float]:
-  """Pointwise mean of {K: value} curves over seeds (keys as ints)."""
-  keys = sorted({int(k) for d in dicts for k in d})
-  return {k: float(np.mean([d[str(k)] if str(k) in d else d[k] for d in dicts
-                            if str(k) in d or k in d])) for k in keys}
+  """Pointwise mean of {K: value} curves over seeds (JSON's string keys become ints)."""
+  curves = [{int(k): float(v) for k, v in d.items()} for d in dicts]
+  keys = sorted(set().union(*curves))
+  return {k: float(np.mean([c[k] for c in curves if k in c])) for k in keys}
 
 
 def by_horizon(rows: Sequence[Dict[str, Any]], label: str = "after") -> Dict[int, Tuple[float, float]]:
@@ -213,71 +213,49 @@ def horizon_gain_slope(table_rows: Mapping[str, Sequence[Dict[str, Any]]], a: st
 # ------------------------------------------------------------------------- writing
 
 
-def _plot(path: str, draw) -> str:
+def write_plots(runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str) -> Dict[str, str]:
+  """best_of_k.png, pass_by_horizon.png and training_monitors.png in `out_dir`."""
+  from psgpo_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.stages import TRAINING_PLOT_KEYS  # pylint: disable=import-outside-toplevel
+  first = next(iter(runs.values()))
+  curves = {"SFT policy": mean_curve([r["report"]["before"]["best_of_k"] for r in first])}
+  curves.update({LABELS[s]: mean_curve([r["report"]["after"]["best_of_k"] for r in rows])
+                 for s, rows in runs.items()})
+  as_rows = lambda points: [{"lo": h, "hi": h + 1, "pass@1": m, "stderr": se}
+                            for h, (m, se) in points.items()]
+  horizons = {"SFT policy": as_rows(by_horizon(first, "before"))}
+  horizons.update({LABELS[s]: as_rows(by_horizon(rows)) for s, rows in runs.items()})
+  return {
+      "best_of_k": evaluation.plot_best_of_k(
+          curves, os.path.join(out_dir, "best_of_k.png"),
+          title="Best-of-K on held-out problems (mean over seeds)"),
+      "by_horizon": evaluation.plot_pass_by_length(
+          horizons, os.path.join(out_dir, "pass_by_horizon.png"),
+          xlabel="horizon (solution lines)", title="pass@1 by horizon (mean over seeds)"),
+      "monitors": _plot_monitors(runs, TRAINING_PLOT_KEYS,
+                                 os.path.join(out_dir, "training_monitors.png"))}
+
+
+def _plot_monitors(runs: Mapping[str, Sequence[Dict[str, Any]]],
+                   keys: Sequence[Tuple[str, str]], path: str) -> str:
+  """One panel per (metric, title), one line per setting (mean over seeds per step)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig = draw(plt)
+  fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+  for ax, (key, title) in zip(axes.flat, keys):
+    for setting, rows in runs.items():
+      steps, values = monitor_curves(rows, key)
+      if steps:
+        ax.plot(steps, values, label=LABELS[setting], marker="." if len(steps) < 10 else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
-
-
-def write_plots(runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str) -> Dict[str, str]:
-  """best_of_k.png, pass_by_horizon.png and training_monitors.png in `out_dir`."""
-  def best_of_k(plt):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    first = next(iter(runs.values()))
-    curves = {"SFT policy": mean_curve([r["report"]["before"]["best_of_k"] for r in first])}
-    curves.update({LABELS[s]: mean_curve([r["report"]["after"]["best_of_k"] for r in rows])
-                   for s, rows in runs.items()})
-    for label, curve in curves.items():
-      ax.plot(list(curve), list(curve.values()), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="K (samples per problem)", ylabel="share of held-out problems solved",
-           title="Best-of-K after RL (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-  def horizons(plt):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    first = next(iter(runs.values()))
-    series = {"SFT policy": by_horizon(first, "before")}
-    series.update({LABELS[s]: by_horizon(rows) for s, rows in runs.items()})
-    for label, points in series.items():
-      hs = list(points)
-      ax.errorbar(hs, [points[h][0] for h in hs], yerr=[points[h][1] for h in hs],
-                  marker="o", capsize=2, label=label)
-    ax.set(xlabel="horizon (solution lines)", ylabel="held-out pass@1",
-           title="pass@1 by horizon after RL (mean over seeds)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-  keys = [("reward/pass_rate", "train pass rate"), ("reward/prm_score_mean", "mean PRM line score"),
-          ("reward/lines_per_response", "lines per response"),
-          ("reward/trivial_line_share", "share of trivial lines"), ("reward/kl", "KL to reference"),
-          ("eval/greedy_pass@1", "held-out greedy pass@1")]
-
-  def monitors(plt):
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (key, title) in zip(axes.flat, keys):
-      for setting, rows in runs.items():
-        steps, values = monitor_curves(rows, key)
-        if steps:
-          ax.plot(steps, values, label=LABELS[setting], marker="." if len(steps) < 10 else None)
-      ax.set_title(title, fontsize=10)
-      ax.set_xlabel("RL step")
-      ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    return fig
-
-  return {"best_of_k": _plot(os.path.join(out_dir, "best_of_k.png"), best_of_k),
-          "by_horizon": _plot(os.path.join(out_dir, "pass_by_horizon.png"), horizons),
-          "monitors": _plot(os.path.join(out_dir, "training_monitors.png"), monitors)}
 
 
 def _fmt(pair: Tuple[float, float]) -> str:

@@ -121,13 +121,8 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
                                         schedule="cosine")
   state = train_step.TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer)
   update = train_step.gradient_update(make_sft_loss(model_cfg), optimizer)
-  if mesh is None:
-    step_fn = train_step.make_train_step(update)
-  else:
-    shardings = train_step.state_shardings(CausalLM(model_cfg), optimizer, mesh, rules)
-    state = train_step.place_state(state, shardings)
-    step_fn = train_step.make_train_step(update, mesh, shardings,
-                                         sharding.batch_sharding(mesh, rules), rules=rules)
+  state, step_fn = train_step.single_model_step(update, state, CausalLM(model_cfg), optimizer,
+                                                mesh, rules)
   buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
   batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed),
                         group_size)

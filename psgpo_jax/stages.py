@@ -343,6 +343,15 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   return result
 
 
+# RL metrics plotted over training steps (a run's training.png, the ablation's monitors):
+# the pass rate, the reward-hacking monitors, KL and held-out greedy pass@1.
+TRAINING_PLOT_KEYS = (
+    ("reward/pass_rate", "train pass rate"), ("reward/prm_score_mean", "mean PRM score"),
+    ("reward/kl", "KL to reference"), ("reward/lines_per_response", "lines / response"),
+    ("reward/trivial_line_share", "trivial line share"),
+    ("eval/greedy_pass@1", "held-out greedy pass@1"))
+
+
 def _plot_training(metrics_path: str, out_path: str) -> Optional[str]:
   """Pass rate, KL and the reward-hacking monitors over training steps, as one PNG."""
   if not os.path.exists(metrics_path):
@@ -352,12 +361,8 @@ def _plot_training(metrics_path: str, out_path: str) -> Optional[str]:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
   rows = list(read_metrics(metrics_path))
-  keys = [("reward/pass_rate", "train pass rate"), ("reward/prm_score_mean", "mean PRM score"),
-          ("reward/kl", "KL to reference"), ("reward/lines_per_response", "lines / response"),
-          ("reward/trivial_line_share", "trivial line share"), ("eval/greedy_pass@1",
-                                                                "held-out greedy pass@1")]
   fig, axes = plt.subplots(2, 3, figsize=(11, 6))
-  for ax, (key, title) in zip(axes.flat, keys):
+  for ax, (key, title) in zip(axes.flat, TRAINING_PLOT_KEYS):
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     if points:
       ax.plot(*zip(*points), marker="." if len(points) < 30 else None)

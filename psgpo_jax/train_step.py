@@ -292,3 +292,20 @@ def init_train_state(module, optimizer: optax.GradientTransformation, rng: Array
 def place_state(state: Any, shardings: Any) -> Any:
   """Puts an existing state (e.g. params loaded from disk) onto `shardings`."""
   return jax.device_put(state, shardings)
+
+
+def single_model_step(update_fn: UpdateFn, state: TrainState, module,
+                      optimizer: optax.GradientTransformation, mesh: Optional[Mesh] = None,
+                      rules: Optional[sharding_lib.Rules] = None
+                      ) -> Tuple[TrainState, UpdateFn]:
+  """(state placed on the mesh, its jitted step) for one model's training (SFT, PRM).
+
+  Without a mesh the state is returned as is with a plain jitted step; with one, the
+  state goes onto `state_shardings(module, optimizer, mesh, rules)` and batch rows are
+  split over the `batch` axes.
+  """
+  if mesh is None:
+    return state, make_train_step(update_fn)
+  shardings = state_shardings(module, optimizer, mesh, rules)
+  return place_state(state, shardings), make_train_step(
+      update_fn, mesh, shardings, sharding_lib.batch_sharding(mesh, rules), rules=rules)

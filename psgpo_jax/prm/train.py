@@ -569,13 +569,8 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   before = held_out(params)
   state = train_step.TrainState.create(params, optimizer)
   update = train_step.gradient_update(make_prm_loss(model_cfg, config.loss), optimizer)
-  if mesh is None:
-    step_fn = train_step.make_train_step(update)
-  else:
-    shardings = train_step.state_shardings(ScalarModel(model_cfg), optimizer, mesh, rules)
-    state = train_step.place_state(state, shardings)
-    step_fn = train_step.make_train_step(update, mesh, shardings,
-                                         sharding.batch_sharding(mesh, rules), rules=rules)
+  state, step_fn = train_step.single_model_step(update, state, ScalarModel(model_cfg), optimizer,
+                                                mesh, rules)
   batches = train_batches(examples, config.batch_size, pad_id, buckets,
                           np.random.default_rng(seed))
   train_metrics: Dict[str, float] = {}
