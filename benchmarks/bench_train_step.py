@@ -2,13 +2,17 @@
 
 One PPO update (policy CausalLM + value ScalarModel, one joint gradient step each) of the
 25M-parameter Qwen2 config on a batch of 16 x 512 tokens, jitted through the shared step
-builder exactly as the trainer runs it. Model FLOPs per trained token: 6 x (matmul weights)
+builder exactly as the trainer runs it. The step's gradient is accumulated over
+`--micro_batches` parts of the batch (`rl.micro_batches`; the same update): 4 parts of
+4 x 512 keep each part's activations in cache, where one pass over 16 x 512 spends much
+of its time on page faults and memory traffic. Model FLOPs per trained token: 6 x (matmul weights)
 for each model's forward + backward, plus attention scores and mixing
 (2 x 2 x T x d per layer forward, x3 with backward); the value model has no LM head. The
 baseline is a jitted float32 matmul measured in the same run (the practical peak).
 
 Usage: python benchmarks/bench_train_step.py [--batch 16] [--length 512] [--repeats 3]
-       [--mesh 1,1,1]   (data,fsdp,tensor; needs that many devices)
+       [--micro_batches 4] [--remat] [--mesh 1,1,1]   (data,fsdp,tensor; needs that many
+       devices)
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -63,6 +67,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--mesh", default="1,1,1")
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--micro_batches", type=int, default=4)
   args = parser.parse_args()
   cfg = MODEL_25M.replace(remat=args.remat)
   shape = tuple(int(s) for s in args.mesh.split(","))
@@ -71,7 +76,7 @@ def main() -> None:
     mesh = sharding.make_mesh(shape)
   optimizers = {"policy": train_step.make_optimizer(1e-5), "value": train_step.make_optimizer(1e-5)}
   modules = {"policy": CausalLM(cfg), "value": ScalarModel(cfg)}
-  ppo_cfg = ppo.PPOConfig(ppo_epochs=1, num_minibatches=1)
+  ppo_cfg = ppo.PPOConfig(ppo_epochs=1, num_minibatches=1, micro_batches=args.micro_batches)
   update = ppo.make_ppo_update(modules["policy"], modules["value"], optimizers, ppo_cfg)
   if mesh is None:
     step = train_step.make_train_step(update)
@@ -97,13 +102,15 @@ def main() -> None:
   flops = ppo_flops_per_token(cfg, args.length) * tokens / seconds
   peak = matmul_flops_per_s()
   print(f"PPO step, {cfg.num_params() / 1e6:.1f}M-param Qwen2 policy + value, "
-        f"batch {args.batch} x {args.length}, mesh {shape}, {jax.devices()[0].platform}")
+        f"batch {args.batch} x {args.length} in {args.micro_batches} micro-batches, "
+        f"mesh {shape}, {jax.devices()[0].platform}")
   print(f"{'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'of peak':>8}")
   print(f"{seconds:8.2f} {tokens / seconds:9.0f} {flops / 1e9:8.1f} {peak / 1e9:15.1f} "
         f"{flops / peak:8.1%}")
   print(json.dumps({"benchmark": "train_step", "metric": "model FLOP/s", "ours": flops,
                     "baseline": peak, "ratio": flops / peak, "tokens_per_s": tokens / seconds,
                     "seconds": seconds, "batch": args.batch, "length": args.length,
+                    "micro_batches": args.micro_batches, "remat": args.remat,
                     "mesh": list(shape), "device": jax.devices()[0].device_kind}))
 
 

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"            # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"
   c.model.remat = False                # rematerialise layers in backprop (saves memory)
+  c.model.attention_query_block = 128  # causal attention in query blocks (0 = one block)
 
   # --- tokenizer --------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()
@@ -112,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.samples_per_prompt = 4
   c.rl.ppo_epochs = 2
   c.rl.num_minibatches = 4
+  c.rl.micro_batches = 1               # accumulate each minibatch's gradient over this many
+                                       # parts (same update; less memory, faster on CPU)
   c.rl.policy_lr = 2e-5
   c.rl.value_lr = 1e-4
   c.rl.grad_clip = 1.0

@@ -30,7 +30,9 @@ keeps for backprop
     B*T*(4*D + (2*H + 2*K)*Dh + 3*F) * b        residual + norm inputs/outputs (4 D),
                                                 q, k, v and the attention output,
                                                 gate, up and silu(gate)*up (3 F)
-  + B*H*T*T * (4 + b)                           float32 scores and the softmax probs
+  + B*H*T*T * (4 + b) * (n + 1) / (2n)         float32 scores and the softmax probs, over
+                                                n causal query blocks (`model.attention_
+                                                query_block`; n = 1 without blocking)
 
 Without remat all L layers keep this. With remat (`model.remat`, `nn.remat` per layer)
 each layer keeps only its input (B*T*D*b) and one layer's full set is live again during
@@ -241,7 +243,9 @@ def activation_bytes(cfg: ModelConfig, mesh, rules: Mapping[str, Any], batch: in
   q_like = elems(("batch", "length", "heads", "head_dim"), (b_, t, h, dh))
   kv_like = elems(("batch", "length", "kv_heads", "head_dim"), (b_, t, k, dh))
   mlp = elems(("batch", "length", "mlp"), (b_, t, f))
-  scores = elems(("batch", "heads", "length", None), (b_, h, t, t))
+  # Causal attention in n query blocks keeps sum_i block * (i + 1) * block score entries.
+  blocks = math.ceil(t / cfg.attention_query_block) if 0 < cfg.attention_query_block < t else 1
+  scores = elems(("batch", "heads", "length", None), (b_, h, t, t)) * (blocks + 1) // (2 * blocks)
   full_layer = (4 * hidden + 2 * q_like + 2 * kv_like + 3 * mlp) * b + scores * (4 + b)
   if remat:
     layers = cfg.num_hidden_layers * hidden * b + full_layer
@@ -380,14 +384,15 @@ def plan_from_config(config: Any, model_cfg: Optional[ModelConfig] = None,
   """The plan of a pipeline config's RL stage (the stage with the most resident models).
 
   Rows per gradient step = rl.prompts_per_step * rl.samples_per_prompt /
-  rl.num_minibatches; tokens per row = data.max_prompt_tokens + sampling.max_new_tokens
+  (rl.num_minibatches * rl.micro_batches) (a micro-batch's activations are what is live);
+  tokens per row = data.max_prompt_tokens + sampling.max_new_tokens
   (also the KV-cache slots); the sampler decodes all rollouts of a step at once.
   """
   from psgpo_jax.configuration import model_config  # pylint: disable=import-outside-toplevel
   if model_cfg is None:
     if config.model.path:
       from psgpo_jax.models.hf_io import load_hf_config  # pylint: disable=import-outside-toplevel
-      model_cfg = load_hf_config(config.model.path)
+      model_cfg = load_hf_config(config.model.path).with_execution_fields(config.model)
     else:
       model_cfg = model_config(config.model, vocab_size=config.tokenizer.vocab_size)
   rl = config.rl
@@ -397,7 +402,8 @@ def plan_from_config(config: Any, model_cfg: Optional[ModelConfig] = None,
   if rl.dense_reward or rl.value_init == "prm":
     models.append("prm")
   mesh = config.mesh
-  return plan_memory(model_cfg, tuple(mesh.shape), batch=max(1, rollouts // rl.num_minibatches),
+  rows = rollouts // (rl.num_minibatches * rl.get("micro_batches", 1))
+  return plan_memory(model_cfg, tuple(mesh.shape), batch=max(1, rows),
                      seq_len=seq_len, rollout_batch=rollouts, max_len=seq_len,
                      models=tuple(models), remat=bool(config.model.remat),
                      device_bytes=device_bytes, rules=mesh.get("rules", None),

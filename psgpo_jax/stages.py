@@ -66,10 +66,14 @@ def load_run_problems(config: ml_collections.ConfigDict) -> Dict[str, list]:
 
 
 def run_model_config(config: ml_collections.ConfigDict, tokenizer):
-  """The policy's ModelConfig: from model.path's config.json, or the config's fields."""
+  """The policy's ModelConfig: from model.path's config.json, or the config's fields.
+
+  With model.path, config.json gives the architecture and the config's execution-only
+  fields (`ModelConfig.EXECUTION_FIELDS`: remat, attention blocking) still apply.
+  """
   if config.model.path:
     from psgpo_jax.models.hf_io import load_hf_config  # pylint: disable=import-outside-toplevel
-    return load_hf_config(config.model.path)
+    return load_hf_config(config.model.path).with_execution_fields(config.model)
   cfg = model_config(config.model, vocab_size=len(tokenizer))
   return cfg.replace(eos_token_id=int(tokenizer.eos_token_id))
 

@@ -7,8 +7,9 @@ Three layers, each a pure function:
     be reported and is checkpointed).
   * `gradient_update(loss_fn, optimizer)` / `multi_gradient_update(loss_fn, optimizers)`:
     `update(state, batch, rng) -> (state, metrics)` for one gradient step, with a
-    non-finite guard. Pure and traceable, so PPO composes it inside `lax.scan` over epochs
-    and minibatches.
+    non-finite guard and optional gradient accumulation over micro-batches
+    (`micro_value_and_grad`). Pure and traceable, so PPO composes it inside `lax.scan`
+    over epochs and minibatches.
   * `make_train_step(update, mesh, state_shardings, batch_shardings)`: `jax.jit` with
     explicit in/out shardings and the state donated; with a mesh the update is traced
     under the logical-axis rules (`sharding.with_activation_sharding`).
@@ -152,19 +153,89 @@ def _apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTra
   return new, metrics
 
 
-def gradient_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> UpdateFn:
+def split_micro_batches(batch: Mapping[str, Array], micro_batches: int) -> Dict[str, Array]:
+  """[R, ...] arrays -> [micro_batches, R / micro_batches, ...], micro-batch i = rows i::k.
+
+  Strided rows keep each micro-batch spread over the devices that hold the batch's rows
+  (a row-sharded batch stays local), where contiguous blocks would move rows between
+  devices.
+  """
+  rows = {int(x.shape[0]) for x in jax.tree.leaves(batch)}
+  if len(rows) != 1:
+    raise ValueError(f"Batch arrays disagree on the row count: {sorted(rows)}.")
+  rows = rows.pop()
+  if rows % micro_batches:
+    raise ValueError(f"A batch of {rows} rows does not split into {micro_batches} "
+                     f"micro-batches; make the rows a multiple of the micro-batch count.")
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape((rows // micro_batches, micro_batches) + x.shape[1:]),
+                             0, 1), dict(batch))
+
+
+def micro_value_and_grad(loss_fn: LossFn, micro_batches: int = 1,
+                         weight_key: Optional[str] = None):
+  """`jax.value_and_grad(loss_fn, has_aux=True)`, accumulated over micro-batches.
+
+  The batch's rows are split into `micro_batches` parts (`split_micro_batches`) that a
+  `lax.scan` runs one after another, so only one part's activations are alive at a time.
+  Each part's loss, gradients and metrics are weighted by its share of the batch's
+  tokens, `sum(batch[weight_key])` (equal shares without a key or when the batch has no
+  such tokens). For a loss that is a mean over those tokens (`masked_mean`) the
+  accumulated loss and gradients equal the whole batch's (up to float rounding), and
+  so do token-mean metrics; a metric that is a count becomes a weighted mean.
+
+  Args:
+    loss_fn: `(params, batch, rng) -> (scalar loss, dict of scalar metrics)`.
+    micro_batches: parts per batch (1: plain value_and_grad).
+    weight_key: the batch field whose sum counts a part's tokens (e.g. "response_mask").
+  Returns:
+    `(params, batch, rng) -> ((loss, metrics), grads)`.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches < 1:
+    raise ValueError(f"micro_batches={micro_batches} must be >= 1.")
+  if micro_batches == 1:
+    return grad_fn
+
+  def accumulated(params, batch, rng):
+    parts = split_micro_batches(batch, micro_batches)
+    if weight_key is None:
+      weights = jnp.full((micro_batches,), 1.0 / micro_batches, jnp.float32)
+    else:
+      tokens = jnp.sum(parts[weight_key].reshape(micro_batches, -1).astype(jnp.float32), -1)
+      total = jnp.sum(tokens)
+      weights = jnp.where(total > 0, tokens / jnp.maximum(total, 1.0), 1.0 / micro_batches)
+
+    def add_part(acc, xs):
+      part, weight, key = xs
+      out = grad_fn(params, part, key)
+      return jax.tree.map(lambda a, x: a + weight * x.astype(a.dtype), acc, out), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(grad_fn, params,
+                                        jax.tree.map(lambda x: x[0], parts), rng))
+    total, _ = jax.lax.scan(add_part, zeros,
+                            (parts, weights, jax.random.split(rng, micro_batches)))
+    return total
+
+  return accumulated
+
+
+def gradient_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    micro_batches: int = 1, weight_key: Optional[str] = None) -> UpdateFn:
   """One gradient step on one model.
 
   Args:
     loss_fn: `(params, batch, rng) -> (scalar loss, dict of scalar metrics)`.
     optimizer: applied to the gradients of the loss.
+    micro_batches, weight_key: gradient accumulation (`micro_value_and_grad`).
   Returns:
     `update(state: TrainState, batch, rng) -> (TrainState, metrics)`, pure. If the loss or
     any gradient is NaN/Inf, params and opt_state are returned unchanged (the step counter
     still advances) and `metrics["nonfinite"]` is 1.0 (else 0.0). Metrics also hold
     `loss`, `grad_norm`, `lr` (when the optimizer injects it) and the loss's own metrics.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = micro_value_and_grad(loss_fn, micro_batches, weight_key)
 
   def update(state: TrainState, batch: Mapping[str, Array], rng: Array
              ) -> Tuple[TrainState, Metrics]:
@@ -178,20 +249,22 @@ def gradient_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
   return update
 
 
-def multi_gradient_update(loss_fn: LossFn, optimizers: Mapping[str, optax.GradientTransformation]
+def multi_gradient_update(loss_fn: LossFn, optimizers: Mapping[str, optax.GradientTransformation],
+                          micro_batches: int = 1, weight_key: Optional[str] = None
                           ) -> UpdateFn:
   """One gradient step on several models with a joint loss (PPO: policy + value).
 
   Args:
     loss_fn: `(params: {name: params}, batch, rng) -> (scalar loss, metrics)`.
     optimizers: `{name: optimizer}`, one per model (own learning rate, clipping, ...).
+    micro_batches, weight_key: gradient accumulation (`micro_value_and_grad`).
   Returns:
     `update(states: {name: TrainState}, batch, rng) -> ({name: TrainState}, metrics)`.
     The non-finite guard is joint: if the loss or any model's gradient is not finite, no
     model changes. Metrics: `loss`, `nonfinite`, `{name}/grad_norm`, `{name}/lr`, and the
     loss's own metrics.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = micro_value_and_grad(loss_fn, micro_batches, weight_key)
   names = tuple(optimizers)
 
   def update(states: Mapping[str, TrainState], batch: Mapping[str, Array], rng: Array

@@ -94,6 +94,10 @@ def test_kv_cache_and_activation_estimates():
   # Rows split over data x fsdp = 8 devices.
   rows = memory.plan_memory(CFG, (2, 4, 1), **SIZES)
   assert item(rows, "activations/value") == item(one, "activations/value") // 8
+  # Causal attention in 4 query blocks of 4 keeps (4 + 1) / (2 * 4) of the scores.
+  blocked = memory.plan_memory(CFG.replace(attention_query_block=4), (1, 1, 1), **SIZES)
+  assert (item(one, "activations/value") - item(blocked, "activations/value")
+          == b_ * h * t * t * 8 * 3 // 8)
   deep = CFG.replace(num_hidden_layers=8)
   assert (item(memory.plan_memory(deep, (1, 1, 1), **SIZES, remat=True), "activations/policy")
           < item(memory.plan_memory(deep, (1, 1, 1), **SIZES), "activations/policy"))

@@ -31,8 +31,28 @@ def test_left_padding_gives_same_logits_as_no_padding(tied, bias, kv_heads):
     np.testing.assert_allclose(batched[row, pad:], alone[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [4, 5])
+def test_blockwise_causal_attention_matches_one_block(block):
+  """Query blocks attend to their key prefix only: the same logits and gradients."""
+  cfg = ModelConfig(**TINY, attention_query_block=0)
+  blocked = CausalLM(cfg.replace(attention_query_block=block))
+  params = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  tokens = _tokens(3, 12)
+  mask = (jnp.arange(12)[None, :] >= jnp.array([0, 5, 11])[:, None]).astype(jnp.int32)
+  def loss(model, p):
+    logits = model.apply({"params": p}, tokens, attention_mask=mask)
+    return jnp.sum(jnp.where(mask[..., None] > 0, jax.nn.log_softmax(logits), 0.0)), logits
+  grad = lambda model: jax.jit(jax.value_and_grad(lambda p: loss(model, p), has_aux=True))
+  (_, want), want_grads = grad(CausalLM(cfg))(params)
+  (_, got), got_grads = grad(blocked)(params)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               got_grads, want_grads)
+
+
 def test_kv_cache_decoding_reproduces_full_sequence_logits():
-  cfg = ModelConfig(**TINY, tie_word_embeddings=False)
+  cfg = ModelConfig(**TINY, tie_word_embeddings=False, attention_query_block=4)
   model = CausalLM(cfg)
   params = init_params(model, jax.random.PRNGKey(0))
   tokens = _tokens(2, 10)

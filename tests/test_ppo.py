@@ -12,7 +12,8 @@ import pytest
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.rl import ppo
 from psgpo_jax.rl.gae import gae
-from psgpo_jax.train_step import TrainState, make_optimizer, make_train_step
+from psgpo_jax.train_step import (TrainState, make_optimizer, make_train_step,
+                                  micro_value_and_grad, split_micro_batches)
 
 
 def log_softmax_np(x):
@@ -277,3 +278,44 @@ def test_update_validates_batch(setup):
                    fresh_state(s), batch, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="'policy' and 'value'"):
     ppo.make_ppo_update(s["policy"], s["value"], {"policy": s["optimizers"]["policy"]}, config)
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient(setup):
+  """Token-weighted accumulation over micro-batches = one pass over the whole minibatch.
+
+  The rows have different response lengths (one has none), so equal weights would not do.
+  """
+  s = setup
+  loss_fn = ppo.make_ppo_loss(s["policy"], s["value"], CONFIG)
+  batch = {k: jnp.asarray(s["batch"][k]) for k in ppo.UPDATE_KEYS}
+  params = {"policy": s["policy_params"], "value": s["value_params"]}
+  rng = jax.random.PRNGKey(0)
+  run = lambda k, key="response_mask": jax.jit(micro_value_and_grad(loss_fn, k, key))(
+      params, batch, rng)
+  (loss, metrics), grads = run(1)
+  for k in (2, 4):
+    (loss_k, metrics_k), grads_k = run(k)
+    np.testing.assert_allclose(loss_k, loss, rtol=1e-5)
+    chex.assert_trees_all_close(metrics_k, metrics, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(grads_k, grads, rtol=1e-4, atol=1e-7)
+  (unweighted, _), _ = run(4, None)
+  assert abs(float(unweighted) - float(loss)) > 1e-3 * abs(float(loss))
+
+  # Micro-batch i is rows i, i + k, ...: strided, so a row-sharded batch stays local.
+  parts = split_micro_batches(batch, 4)
+  np.testing.assert_array_equal(parts["tokens"][1], batch["tokens"][1::4])
+  with pytest.raises(ValueError, match="8 rows does not split into 3 micro-batches"):
+    split_micro_batches(batch, 3)
+
+  # The whole PPO update with micro-batches ends where the plain one does.
+  micro = dataclasses.replace(CONFIG, micro_batches=2)
+  states = {}
+  for name, config in (("plain", CONFIG), ("micro", micro)):
+    update = jax.jit(ppo.make_ppo_update(s["policy"], s["value"], s["optimizers"], config))
+    states[name], _ = update(fresh_state(s), s["batch"], jax.random.PRNGKey(3))
+  chex.assert_trees_all_close(states["micro"]["policy"].params, states["plain"]["policy"].params,
+                              rtol=1e-3, atol=1e-5)
+  chex.assert_trees_all_close(states["micro"]["value"].params, states["plain"]["value"].params,
+                              rtol=1e-3, atol=1e-5)
+  with pytest.raises(ValueError, match="rl.num_minibatches=2 x rl.micro_batches=3"):
+    dataclasses.replace(CONFIG, micro_batches=3).minibatch_size(8)

@@ -17,7 +17,11 @@ class ModelConfig:
   """Hyper-parameters of a decoder-only transformer (names follow Hugging Face).
 
   `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters.
+  `EXECUTION_FIELDS` change how the model runs, not what it computes (up to float
+  rounding), and are not part of a checkpoint's config.json.
   """
+  EXECUTION_FIELDS = ("remat", "attention_query_block")
+
   architecture: str = "qwen2"
   vocab_size: int = 1024
   hidden_size: int = 128
@@ -34,6 +38,8 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False                     # rematerialise each decoder layer in backprop
+  attention_query_block: int = 128        # full-sequence causal attention in query blocks of
+                                          # this many rows (skips masked-out keys); 0 = one
   initializer_range: float = 0.02
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[int] = None
@@ -68,6 +74,11 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def with_execution_fields(self, values) -> "ModelConfig":
+    """This config with the `EXECUTION_FIELDS` that `values` (a config's `model` section,
+    or any mapping) sets: how a loaded checkpoint's architecture is to run."""
+    return self.replace(**{f: values[f] for f in self.EXECUTION_FIELDS if f in values})
 
   @classmethod
   def from_dict(cls, values) -> "ModelConfig":

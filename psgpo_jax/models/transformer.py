@@ -122,6 +122,60 @@ class OutProjection(nn.Module):
     return jnp.einsum("btnh,nhd->btd", x, kernel.astype(cfg.compute_dtype))
 
 
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+  """Grouped-query softmax attention over heads-first keys and values.
+
+  Each key/value head's query group is folded into the rows of one matmul, so scores,
+  softmax and the mixing matmul all run in the layout the matmuls want: no transposes
+  of the [rows, S] score matrices, only of the small [T, Dh] operands.
+
+  Args:
+    q: [B, T, H, Dh] queries.
+    k, v: [B, KV, S, Dh] keys and values (H a multiple of KV).
+    mask: [B, T, S] bool, True where query t may see slot s.
+    dtype: compute dtype of the mixing matmul (scores and softmax are float32).
+  Returns:
+    [B, T, H, Dh] in `dtype`.
+  """
+  b, t, h, dh = q.shape
+  kv, s = k.shape[1], k.shape[2]
+  g = h // kv
+  q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(dtype),
+                      preferred_element_type=jnp.float32) * (dh ** -0.5)
+  group_mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+  probs = jax.nn.softmax(jnp.where(group_mask, scores, _MASK_VALUE), axis=-1).astype(dtype)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(dtype))
+  return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def causal_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, dtype,
+                               block: int) -> Array:
+  """`dot_product_attention` for a full causal sequence, skipping masked-out blocks.
+
+  Query rows [a, a + block) can only see slots < a + block, so each block of queries
+  attends to that prefix of the keys alone: about half the score work and memory of the
+  full [T, T] matrix, with the same result (masked slots get exactly zero weight).
+
+  Args:
+    q: [B, T, H, Dh]; k, v: [B, KV, T, Dh] (slot s holds token s: no cache offset).
+    mask: [B, T, T] causal and padding mask.
+    dtype: compute dtype.
+    block: query rows per block (<= 0 or >= T: one block).
+  Returns:
+    [B, T, H, Dh] in `dtype`.
+  """
+  t = q.shape[1]
+  if block <= 0 or block >= t:
+    return dot_product_attention(q, k, v, mask, dtype)
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    outs.append(dot_product_attention(q[:, start:end], k[:, :, :end], v[:, :, :end],
+                                      mask[:, start:end, :end], dtype))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention reading and writing a KV cache."""
   cfg: ModelConfig
@@ -151,19 +205,15 @@ class Attention(nn.Module):
     v = HeadProjection(cfg, kv, "kv_heads", name="v_proj")(x)
     q = rotary_embedding(q, positions, cfg.rope_theta)
     k = rotary_embedding(k, positions, cfg.rope_theta)
-    kv_layout = "bskd"                     # keys/values as projected: [B, T, KV, Dh]
-    if cache is not None:
-      write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
-          c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, 2)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [B, KV, T, Dh]
+    if cache is None:
+      out = causal_blockwise_attention(q, k, v, mask, dt, cfg.attention_query_block)
+    else:
+      write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype),
+                                                               cache_index, 2)
       k, v = write(cache[0], k), write(cache[1], v)
-      cache, kv_layout = (k, v), "bksd"
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, kv, h // kv, dh)
-    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k.astype(dt),
-                        preferred_element_type=jnp.float32) * (dh ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
+      cache = (k, v)
+      out = dot_product_attention(q, k, v, mask, dt)
     return OutProjection(cfg, name="o_proj")(out), cache
 
 
