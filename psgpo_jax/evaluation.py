@@ -340,7 +340,8 @@ def correct_by_task(samples: Iterable[Mapping[str, Any]]) -> List[np.ndarray]:
 
 def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Sequence[Any],
                     sandbox: Any, sampling_config: Any, seed: int,
-                    show_progress: bool = True, rows_per_call: int = 256) -> Dict[str, Any]:
+                    show_progress: bool = True, rows_per_call: int = 256,
+                    mesh: Any = None) -> Dict[str, Any]:
   """Samples `sampling_config.num_samples` responses per problem and tests them.
 
   Args:
@@ -352,6 +353,8 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
     sampling_config: a `psgpo_jax.sampling.SamplingConfig` (n = num_samples).
     seed: sampling seed.
     rows_per_call: responses sampled per sampler call.
+    mesh: optional mesh with a `data` axis the sampler splits rows over (the samples do
+      not depend on it).
   Returns:
     {"summary": pass@k overall and by source, "by_horizon": pass@1 per horizon (the
     synthetic suite; 0 elsewhere), "by_lines": pass@1 per response line count,
@@ -361,7 +364,7 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
   from psgpo_jax.rollout import encode, sample_and_test  # pylint: disable=import-outside-toplevel
   from psgpo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
   n = sampling_config.num_samples
-  sampler = Sampler(model_cfg, sampling_config, tokenizer)
+  sampler = Sampler(model_cfg, sampling_config, tokenizer, mesh)
   prompt_ids = [encode(tokenizer, p.prompt) for p in problems]
   chunk = max(1, rows_per_call // n)
   samples: List[Dict[str, Any]] = []

@@ -399,6 +399,25 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def sampling_mesh(mesh: Optional[Mesh]) -> Optional[Mesh]:
+  """The mesh a sampler runs on: `mesh` itself on one process; on many, this process's
+  own devices as a 1-D `data` mesh, since each process samples its own prompts (the
+  sampler's host loop reads its tokens back)."""
+  if mesh is None or jax.process_count() == 1:
+    return mesh
+  return make_mesh((-1,), ("data",), jax.local_devices())
+
+
+def local_copy(tree: Any, mesh: Optional[Mesh]) -> Any:
+  """`tree` (e.g. params sharded over `mesh`) as this process's full local copy: as is
+  on one process; on many, gathered over the global mesh and read from a local device
+  (what a `sampling_mesh` sampler needs)."""
+  if mesh is None or jax.process_count() == 1:
+    return tree
+  full = jax.device_put(tree, replicated(mesh))
+  return jax.tree.map(lambda x: x.addressable_data(0), full)
+
+
 def global_batch_from_local(local_batch: Mapping[str, Any], mesh: Mesh,
                             rules: Optional[Rules] = None) -> dict:
   """Assembles global arrays from each host's rows.

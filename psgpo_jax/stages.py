@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 import jax
 import ml_collections
 
-from psgpo_jax import evaluation
+from psgpo_jax import evaluation, sharding
 from psgpo_jax.configuration import ConfigError, model_config
 from psgpo_jax.logging import MetricWriter
 
@@ -129,12 +129,15 @@ def _require(path: str, what: str, stage_name: str) -> str:
 def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperature: float,
                     seed: int, greedy: bool = False, show_progress: bool = True
                     ) -> Dict[str, Any]:
-  """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox and config."""
+  """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox, config and
+  mesh (rows split over the sampling mesh's `data` axis)."""
   from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
   sampling = sampling_config(ctx.config, ctx.tokenizer, num_samples, temperature=temperature,
                              greedy=greedy)
-  return evaluation.evaluate_policy(params, ctx.model_cfg, ctx.tokenizer, problems,
-                                    ctx.sandbox, sampling, seed, show_progress=show_progress)
+  return evaluation.evaluate_policy(sharding.local_copy(params, ctx.mesh), ctx.model_cfg,
+                                    ctx.tokenizer, problems, ctx.sandbox, sampling, seed,
+                                    show_progress=show_progress,
+                                    mesh=sharding.sampling_mesh(ctx.mesh))
 
 
 def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
@@ -249,7 +252,8 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
       stats = labeling.collect_labels(
           params, ctx.model_cfg, ctx.tokenizer, part, config, part_dir,
           jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
-          writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else ())
+          writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else (),
+          mesh=sharding.sampling_mesh(ctx.mesh))
   rows = load_labels(ctx)
   counts = labeling.label_counts(rows)
   result = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}

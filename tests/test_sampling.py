@@ -418,3 +418,28 @@ def test_config_validation_and_from_dict():
     SamplingConfig.from_dict({"max_tokens": 8})
   assert sampling.bucket_size(17, 16) == 32 and sampling.bucket_size(3, 16) == 16
   assert sampling.bucket_size(70, 16, (64, 96, 128)) == 96
+
+
+def test_evaluation_on_a_mesh_matches_one_device(model, tokenizer):
+  """`evaluation.evaluate_policy(..., mesh=...)` (the eval stage on the run's mesh) samples
+  and scores exactly what one device does."""
+  from psgpo_jax import evaluation                            # pylint: disable=import-outside-toplevel
+  from psgpo_jax.data.problems import AssertTests, Problem    # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sandbox import Sandbox                       # pylint: disable=import-outside-toplevel
+  cfg, params = model
+  problems = [Problem(id=f"t/{i}", prompt=f"def f(x):\n    return x + {i}",
+                      tests=AssertTests(tests=(f"assert f(1) == {1 + i}",)), entry_point="f",
+                      source="synthetic") for i in range(3)]
+  config = BASE.replace(num_samples=2, max_new_tokens=8, stop_strings=("\n",))
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
+  with Sandbox(num_workers=1) as sandbox:
+    single, sharded = [evaluation.evaluate_policy(params, cfg, tokenizer, problems, sandbox,
+                                                  config, seed=3, show_progress=False, mesh=m)
+                       for m in (None, mesh)]
+  assert [s["completion"] for s in sharded["samples"]] == \
+      [s["completion"] for s in single["samples"]]
+  assert sharded["summary"] == single["summary"] and len(single["samples"]) == 6
+  # The mesh does reach the sampler: one without a `data` axis is refused.
+  with pytest.raises(ValueError, match="sampling shards over 'data'"):
+    evaluation.evaluate_policy(params, cfg, tokenizer, problems, None, config, seed=3,
+                               mesh=Mesh(np.array(jax.devices()), ("tensor",)))

@@ -290,7 +290,7 @@ class RLTrainer:
                               mesh, key)
     self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam)
     self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
-                           setup.tokenizer, mesh=self._sampling_mesh())
+                           setup.tokenizer, mesh=sharding.sampling_mesh(self.mesh))
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
     self.buckets = batching.default_buckets(
         max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
@@ -314,22 +314,6 @@ class RLTrainer:
                                                                           rules))
     out["kl_coef"], out["rng"] = jax.device_put((state["kl_coef"], state["rng"]), rep)
     return out
-
-  def _sampling_mesh(self) -> Optional[Mesh]:
-    """The global mesh on one process; this process's devices (a 1-D data mesh) on many,
-    since each process samples its own prompts."""
-    if self.mesh is None or self.process_count == 1:
-      return self.mesh
-    return sharding.make_mesh((-1,), ("data",), jax.local_devices())
-
-  def _sampling_params(self) -> Any:
-    """The policy params the sampler reads: as trained on one process; on many, a full
-    local copy (gathered over the global mesh, then taken from a local device)."""
-    params = self.state["ppo"]["policy"].params
-    if self.mesh is None or self.process_count == 1:
-      return params
-    full = jax.device_put(params, sharding.replicated(self.mesh))
-    return jax.tree.map(lambda x: x.addressable_data(0), full)
 
   def _buckets(self, rollouts: Rollouts) -> Sequence[int]:
     """Row-length buckets; on many processes, only those that fit every process's longest
@@ -379,7 +363,8 @@ class RLTrainer:
     key = jax.random.fold_in(self.state["rng"], step)
     if self.process_count > 1:     # distinct draws per process
       key = jax.random.fold_in(key, self.process_index)
-    return sample_and_test(self._sampling_params(), self.sampler, problems, prompt_ids,
+    params = sharding.local_copy(self.state["ppo"]["policy"].params, self.mesh)
+    return sample_and_test(params, self.sampler, problems, prompt_ids,
                            self.setup.sandbox, key)
 
   def train_step(self, step: int) -> Dict[str, float]:
