@@ -140,6 +140,16 @@ def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperat
                                     mesh=sharding.sampling_mesh(ctx.mesh))
 
 
+def _require_one_process(stage_name: str) -> None:
+  """Refuses a multi-process run of a stage that does not split its prompts by process."""
+  if jax.process_count() > 1:
+    raise ConfigError(
+        f"The {stage_name} stage runs on one process: it does not split its prompts between "
+        f"the {jax.process_count()} processes yet, and each would write the same files. Run "
+        f"it on one host (mesh.distributed=False), then start the pipeline on every host "
+        f"again: stages that finished are skipped.")
+
+
 def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
   out = evaluate_policy(ctx, params, problems, 1, 1.0, seed, greedy=True, show_progress=False)
   return out["summary"]["all"].get("pass@1", 0.0)
@@ -240,6 +250,7 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   between them; the completer is the policy that wrote the response.
   """
   from psgpo_jax.prm import labeling  # pylint: disable=import-outside-toplevel
+  _require_one_process("collect")
   out_dir = ctx.stage_dir("collect")
   policies = labeling_policies(ctx)
   problems = ctx.problems["train"][:config.collect.num_prompts]
@@ -316,6 +327,7 @@ def run_rl(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
 @stage("eval")
 def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """pass@k, Best-of-K and pass@1 by horizon of the policy before and after RL."""
+  _require_one_process("eval")
   out_dir = ctx.stage_dir("eval")
   problems = ctx.problems["eval"]
   if config.eval.num_problems:
