@@ -5,10 +5,12 @@ One PPO update (policy CausalLM + value ScalarModel, one joint gradient step eac
 builder exactly as the trainer runs it. The step's gradient is accumulated over
 `--micro_batches` parts of the batch (`rl.micro_batches`; the same update): 4 parts of
 4 x 512 keep each part's activations in cache, where one pass over 16 x 512 spends much
-of its time on page faults and memory traffic. Model FLOPs per trained token: 6 x (matmul weights)
-for each model's forward + backward, plus attention scores and mixing
-(2 x 2 x T x d per layer forward, x3 with backward); the value model has no LM head. The
-baseline is a jitted float32 matmul measured in the same run (the practical peak).
+of its time on page faults and memory traffic.
+
+Model FLOPs per trained token: 6 x (matmul weights) for each model's forward + backward,
+plus attention scores and mixing (2 x 2 x T x d per layer forward, x3 with backward); the
+value model has no LM head. The baseline is a jitted float32 matmul measured in the same
+run (the practical peak).
 
 Usage: python benchmarks/bench_train_step.py [--batch 16] [--length 512] [--repeats 3]
        [--micro_batches 4] [--remat] [--mesh 1,1,1]   (data,fsdp,tensor; needs that many
