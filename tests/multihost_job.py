@@ -23,6 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 
+LR = 1e-3     # every optimizer's learning rate (the test derives its tolerance from it)
+UPDATES = 4   # most Adam steps of one parameter set: 2 PPO calls x 2 minibatches (PRM: 1)
+
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +44,7 @@ def main() -> None:
   from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel   # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.train import make_prm_loss              # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl import ppo                                # pylint: disable=import-outside-toplevel
+  from tests.tolerances import ADAM_EPS                       # pylint: disable=import-outside-toplevel
 
   if args.num_processes > 1:
     sharding.initialize_distributed({
@@ -77,7 +81,7 @@ def main() -> None:
 
   # Two PPO updates, states created sharded.
   modules = {"policy": CausalLM(cfg), "value": ScalarModel(cfg)}
-  optimizers = {"policy": train_step.make_optimizer(1e-3), "value": train_step.make_optimizer(1e-3)}
+  optimizers = {name: train_step.make_optimizer(LR, eps=ADAM_EPS) for name in modules}
   config = ppo.PPOConfig(ppo_epochs=1, num_minibatches=2, micro_batches=2)
   shardings = train_step.state_shardings(modules, optimizers, mesh)
   step = train_step.make_train_step(
@@ -96,7 +100,7 @@ def main() -> None:
       "tokens": full["tokens"][local_rows], "attention_mask": full["attention_mask"][local_rows],
       "targets": np.where(full["response_mask"] > 0, 1.0, 0.0)[local_rows].astype(np.float32),
       "loss_mask": full["response_mask"][local_rows].astype(np.float32)}, mesh)
-  prm_opt = train_step.make_optimizer(1e-3)
+  prm_opt = train_step.make_optimizer(LR, eps=ADAM_EPS)
   prm_state, prm_step = train_step.single_model_step(
       train_step.gradient_update(make_prm_loss(cfg), prm_opt),
       train_step.init_train_state(ScalarModel(cfg), prm_opt, jax.random.PRNGKey(7), mesh),

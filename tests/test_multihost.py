@@ -13,6 +13,9 @@ import sys
 
 import numpy as np
 
+from multihost_job import LR, UPDATES
+from tolerances import adam_param_atol
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,7 +57,10 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   single, multi = np.load(os.path.join(one, "result.npz")), np.load(os.path.join(two, "result.npz"))
   assert set(single.files) == set(multi.files)
   assert any("policy" in k for k in single.files) and any("prm/loss" in k for k in single.files)
+  # Params after at most UPDATES Adam steps at LR: the Adam bound of tests/tolerances.py;
+  # metrics are means over the same terms in another reduction order (rtol 1e-5).
   for name in single.files:
-    np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(multi[name], single[name], rtol=1e-5,
+                               atol=adam_param_atol(LR, UPDATES), err_msg=name)
   # Only process 0 wrote the result; the checkpoint is one directory written by both.
   assert sorted(os.listdir(two)) == ["checkpoints", "result.npz"]

@@ -14,6 +14,7 @@ from psgpo_jax.rl import ppo
 from psgpo_jax.rl.gae import gae
 from psgpo_jax.train_step import (TrainState, make_optimizer, make_train_step,
                                   micro_value_and_grad, split_micro_batches)
+from tolerances import ADAM_EPS, adam_param_atol, max_abs_difference
 
 
 def log_softmax_np(x):
@@ -307,15 +308,25 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(setup):
   with pytest.raises(ValueError, match="8 rows does not split into 3 micro-batches"):
     split_micro_batches(batch, 3)
 
-  # The whole PPO update with micro-batches ends where the plain one does.
+  # The whole PPO update with micro-batches ends where the plain one does. Adam with
+  # eps = ADAM_EPS bounds how far rounding-level gradient differences (checked above at
+  # atol 1e-7) can move the params: `tolerances.adam_param_atol` over the update's
+  # epochs x minibatches steps (4e-5 for the value model's lr 1e-2). A wrong accumulation
+  # changes most steps by O(lr), far outside it.
+  lrs = {"policy": 3e-3, "value": 1e-2}
+  optimizers = {k: make_optimizer(lr, grad_clip=1.0, eps=ADAM_EPS) for k, lr in lrs.items()}
+  updates = CONFIG.ppo_epochs * CONFIG.num_minibatches
   micro = dataclasses.replace(CONFIG, micro_batches=2)
   states = {}
   for name, config in (("plain", CONFIG), ("micro", micro)):
-    update = jax.jit(ppo.make_ppo_update(s["policy"], s["value"], s["optimizers"], config))
-    states[name], _ = update(fresh_state(s), s["batch"], jax.random.PRNGKey(3))
-  chex.assert_trees_all_close(states["micro"]["policy"].params, states["plain"]["policy"].params,
-                              rtol=1e-3, atol=1e-5)
-  chex.assert_trees_all_close(states["micro"]["value"].params, states["plain"]["value"].params,
-                              rtol=1e-3, atol=1e-5)
+    update = jax.jit(ppo.make_ppo_update(s["policy"], s["value"], optimizers, config))
+    state = {k: TrainState.create(jax.tree.map(jnp.array, s[f"{k}_params"]), optimizers[k])
+             for k in lrs}
+    states[name], _ = update(state, s["batch"], jax.random.PRNGKey(3))
+  for k, lr in lrs.items():
+    moved = max_abs_difference(states["plain"][k].params, s[f"{k}_params"])
+    assert moved > 0.5 * lr, (k, moved)                   # the update really moved them
+    chex.assert_trees_all_close(states["micro"][k].params, states["plain"][k].params,
+                                rtol=0, atol=adam_param_atol(lr, updates))
   with pytest.raises(ValueError, match="rl.num_minibatches=2 x rl.micro_batches=3"):
     dataclasses.replace(CONFIG, micro_batches=3).minibatch_size(8)

@@ -478,6 +478,7 @@ class PRMTrainConfig:
     balance: balance positive and negative training lines (`labeling.balance_lines`).
     log_every: steps between logged training metrics.
     eval_train_rows: training rows scored at the end for train-set metrics (0 = none).
+    adam_eps: Adam's epsilon (larger values damp steps on near-zero gradients).
   """
   steps: int = 300
   batch_size: int = 32
@@ -492,6 +493,7 @@ class PRMTrainConfig:
   balance: bool = False
   log_every: int = 10
   eval_train_rows: int = 256
+  adam_eps: float = 1e-8
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -554,7 +556,8 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   optimizer = train_step.make_optimizer(
       config.learning_rate, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
       warmup_steps=min(config.warmup_steps, max(config.steps - 1, 0)),
-      total_steps=max(config.steps, config.warmup_steps + 1), schedule="cosine")
+      total_steps=max(config.steps, config.warmup_steps + 1), schedule="cosine",
+      eps=config.adam_eps)
   rng = jax.random.PRNGKey(seed)
   init_rng, step_rng = jax.random.split(rng)
   params = init_prm_params(policy_params, model_cfg, init_rng)

@@ -142,7 +142,7 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
 @functools.lru_cache(maxsize=16)
 def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float,
                 value_lr: float, grad_clip: float, mesh: Optional[Mesh] = None,
-                rules: RulesKey = None):
+                rules: RulesKey = None, adam_eps: float = 1e-8):
   """(optimizers, the jitted PPO update, its state shardings), built once per setting.
 
   Trainers with the same setting (a resumed run, the ablation's arms) share the compiled
@@ -153,8 +153,8 @@ def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float
   `rules` is a `rules_key` (hashable).
   """
   optimizers = {
-      "policy": train_step.make_optimizer(policy_lr, grad_clip=grad_clip),
-      "value": train_step.make_optimizer(value_lr, grad_clip=grad_clip)}
+      "policy": train_step.make_optimizer(policy_lr, grad_clip=grad_clip, eps=adam_eps),
+      "value": train_step.make_optimizer(value_lr, grad_clip=grad_clip, eps=adam_eps)}
   modules = {"policy": CausalLM(model_cfg), "value": ScalarModel(model_cfg)}
   update = ppo.make_ppo_update(modules["policy"], modules["value"], optimizers, ppo_cfg)
   if mesh is None:
@@ -270,7 +270,7 @@ class RLTrainer:
     key = rules_key(rules)
     self.optimizers, self.update, self.state_shardings = make_update(
         cfg, self.ppo_cfg, float(rl.policy_lr), float(rl.value_lr), float(rl.grad_clip),
-        mesh, key)
+        mesh, key, float(rl.adam_eps))
     rng = jax.random.PRNGKey(rl_seed(config))
     value_params = init_value_params(value_init, cfg, policy_params, prm_params,
                                      jax.random.fold_in(rng, 1))
