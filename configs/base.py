@@ -126,9 +126,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.gamma = 1.0
   c.rl.lam = 0.95
   c.rl.whiten_advantages = True
+  c.rl.advantage = "gae"               # gae (value model) | rloo | grpo (critic-free: group
+                                       # baseline over a prompt's samples, no value model)
   c.rl.dense_reward = True             # PRM line scores as dense rewards
+  c.rl.dense_source = "prm"            # prm | oracle (synthetic suite: the exact +-1 line
+                                       # labels in place of the PRM's scores; an upper bound)
   c.rl.value_init = "prm"              # prm | policy | random
   c.rl.eval_every = 10                 # held-out pass@1 every N steps (0 = only at the end)
+  c.rl.eval_samples = 0                # samples per problem for the sampled pass@1 of those
+                                       # evaluations (at eval.temperature; 0 = greedy only)
   c.rl.max_nonfinite_steps = 3         # stop after this many skipped updates in a row
   c.rl.reward = ml_collections.ConfigDict()
   c.rl.reward.outcome = "binary"       # binary | fraction (share of tests passed)

@@ -20,6 +20,8 @@ CHOICES = {
     "collect.selection": ("revised", "failed", "all"),
     "prm.loss": ("mse", "bce"),
     "rl.value_init": ("prm", "policy", "random"),
+    "rl.advantage": ("gae", "rloo", "grpo"),
+    "rl.dense_source": ("prm", "oracle"),
     "rl.reward.outcome": ("binary", "fraction"),
     "rl.reward.credit": ("sum", "min"),
     "rl.reward.shaping": ("none", "potential"),

@@ -398,13 +398,17 @@ def plan_from_config(config: Any, model_cfg: Optional[ModelConfig] = None,
   rl = config.rl
   rollouts = int(rl.prompts_per_step * rl.samples_per_prompt)
   seq_len = int(config.data.max_prompt_tokens + config.sampling.max_new_tokens)
-  models = ["policy", "value", "reference"]
-  if rl.dense_reward or rl.value_init == "prm":
+  critic = rl.get("advantage", "gae") == "gae"      # RLOO / GRPO: no value model
+  models = ["policy", "value", "reference"] if critic else ["policy", "reference"]
+  prm_dense = rl.dense_reward and rl.get("dense_source", "prm") == "prm"
+  if prm_dense or (critic and rl.value_init == "prm"):
     models.append("prm")
   mesh = config.mesh
   rows = rollouts // (rl.num_minibatches * rl.get("micro_batches", 1))
   return plan_memory(model_cfg, tuple(mesh.shape), batch=max(1, rows),
                      seq_len=seq_len, rollout_batch=rollouts, max_len=seq_len,
-                     models=tuple(models), remat=bool(config.model.remat),
+                     models=tuple(models),
+                     trainable=("policy", "value") if critic else ("policy",),
+                     remat=bool(config.model.remat),
                      device_bytes=device_bytes, rules=mesh.get("rules", None),
                      num_devices=num_devices)

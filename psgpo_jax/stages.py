@@ -196,10 +196,22 @@ def _rl_setup(ctx, evaluate: bool):
     eval_problems = eval_problems[:ctx.config.eval.num_problems]
 
   def evaluate_fn(params, step):
-    return {"greedy_pass@1": _greedy_pass_rate(ctx, params, eval_problems, ctx.config.seed)}
+    """Held-out greedy pass@1, and sampled pass@1 from rl.eval_samples per problem."""
+    out = {"greedy_pass@1": _greedy_pass_rate(ctx, params, eval_problems, ctx.config.seed)}
+    samples = int(ctx.config.rl.eval_samples)
+    if samples:
+      sampled = evaluate_policy(ctx, params, eval_problems, samples,
+                                ctx.config.eval.temperature, ctx.config.seed + 17,
+                                show_progress=False)
+      out["pass@1"] = sampled["summary"]["all"].get("pass@1", 0.0)
+    return out
 
+  line_oracle = None
+  if ctx.config.data.source == "synthetic":
+    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    line_oracle = synthetic.oracle_line_labels
   return RLSetup(ctx.model_cfg, ctx.tokenizer, ctx.problems["train"], eval_problems,
-                 ctx.sandbox, evaluate_fn if evaluate else None)
+                 ctx.sandbox, evaluate_fn if evaluate else None, line_oracle)
 
 
 def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: bool,
@@ -214,7 +226,8 @@ def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: b
     with MetricWriter(workdir) as writer:
       result = trainer.run(writer, show_progress=config.logging.progress)
     save_model(_policy_dir(ctx, name), ctx.model_cfg, trainer.policy_params)
-    save_model(os.path.join(workdir, "value"), ctx.model_cfg, trainer.value_params, "scalar")
+    if trainer.value_params is not None:
+      save_model(os.path.join(workdir, "value"), ctx.model_cfg, trainer.value_params, "scalar")
   finally:
     trainer.close()
   _plot_training(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "training.png"))
@@ -316,7 +329,9 @@ def load_prm(ctx) -> Optional[Any]:
 @stage("rl")
 def run_rl(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """PSGPO: PPO from the SFT policy with PRM dense rewards and/or PRM value init."""
-  needs_prm = config.rl.dense_reward or config.rl.value_init == "prm"
+  critic = config.rl.advantage == "gae"        # RLOO / GRPO have no value model to init
+  needs_prm = ((config.rl.dense_reward and config.rl.dense_source == "prm")
+               or (critic and config.rl.value_init == "prm"))
   prm_params = load_prm(ctx)
   if needs_prm and prm_params is None:
     _require(os.path.join(ctx.workdir, "prm", "model"), "The PRM", "prm")
@@ -369,7 +384,7 @@ TRAINING_PLOT_KEYS = (
     ("reward/pass_rate", "train pass rate"), ("reward/prm_score_mean", "mean PRM score"),
     ("reward/kl", "KL to reference"), ("reward/lines_per_response", "lines / response"),
     ("reward/trivial_line_share", "trivial line share"),
-    ("eval/greedy_pass@1", "held-out greedy pass@1"))
+    ("eval/greedy_pass@1", "held-out greedy pass@1"), ("eval/pass@1", "held-out pass@1"))
 
 
 def _plot_training(metrics_path: str, out_path: str) -> Optional[str]:
@@ -381,13 +396,18 @@ def _plot_training(metrics_path: str, out_path: str) -> Optional[str]:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
   rows = list(read_metrics(metrics_path))
-  fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+  fig, axes = plt.subplots(2, 4, figsize=(14, 6))
   for ax, (key, title) in zip(axes.flat, TRAINING_PLOT_KEYS):
-    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    # Held-out evaluations are placed by the number of updates before them (0 = initial).
+    x_key = "eval/updates" if key.startswith("eval/") else "step"
+    points = [(r[x_key], r[key]) for r in rows
+              if isinstance(r.get(key), (int, float)) and x_key in r]
     if points:
       ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("step")
+    ax.set_xlabel("PPO updates" if x_key != "step" else "step")
+  for ax in list(axes.flat)[len(TRAINING_PLOT_KEYS):]:
+    ax.axis("off")
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)

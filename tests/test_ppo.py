@@ -277,8 +277,33 @@ def test_update_validates_batch(setup):
     jax.eval_shape(ppo.make_ppo_update(s["policy"], s["value"], s["optimizers"],
                                        dataclasses.replace(config, num_minibatches=2)),
                    fresh_state(s), batch, jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match="'policy' and 'value'"):
+  with pytest.raises(ValueError, match=r"\['policy', 'value'\]"):
     ppo.make_ppo_update(s["policy"], s["value"], {"policy": s["optimizers"]["policy"]}, config)
+  with pytest.raises(ValueError, match=r"needs optimizers for \['policy'\]"):
+    ppo.make_ppo_update(s["policy"], None, s["optimizers"], config)
+
+
+def test_critic_free_update_trains_the_policy_alone(setup):
+  """Without a value model (RLOO / GRPO advantages) the batch needs no values or returns,
+  and the policy moves as the joint update's policy does (the value loss has no gradient
+  into the policy; each model clips its own gradient)."""
+  s = setup
+  lrs = {"policy": 3e-3, "value": 1e-2}
+  optimizers = {k: make_optimizer(lr, grad_clip=1.0, eps=ADAM_EPS) for k, lr in lrs.items()}
+  fresh = lambda names: {k: TrainState.create(jax.tree.map(jnp.array, s[f"{k}_params"]),
+                                              optimizers[k]) for k in names}
+  batch = {k: v for k, v in s["batch"].items() if k not in ppo.CRITIC_KEYS}
+  alone = jax.jit(ppo.make_ppo_update(s["policy"], None, {"policy": optimizers["policy"]},
+                                      CONFIG))
+  new, metrics = alone(fresh(["policy"]), batch, jax.random.PRNGKey(3))
+  assert set(new) == {"policy"} and "value_loss" not in metrics
+  assert "explained_variance" not in metrics and float(metrics["nonfinite"]) == 0.0
+  assert max_abs_difference(new["policy"].params, s["policy_params"]) > 0.5 * lrs["policy"]
+  joint = jax.jit(ppo.make_ppo_update(s["policy"], s["value"], optimizers, CONFIG))
+  both, _ = joint(fresh(["policy", "value"]), s["batch"], jax.random.PRNGKey(3))
+  updates = CONFIG.ppo_epochs * CONFIG.num_minibatches      # another program: rounding only
+  chex.assert_trees_all_close(new["policy"].params, both["policy"].params, rtol=0,
+                              atol=adam_param_atol(lrs["policy"], updates))
 
 
 def test_micro_batches_accumulate_the_whole_batch_gradient(setup):

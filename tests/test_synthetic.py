@@ -164,13 +164,15 @@ def test_oracle_accepts_equivalent_lines_and_rejects_everything_else(tmp_path):
       "    a = x ** 3",
       "    a = 3.5",
       "    a = z + 3",                                     # undefined name
-      "    # a comment",
-      "",
       "    return x + 3",                                  # early return
       "    a = x + 3 if x > 100 else x // 0",               # division by zero when run
   ]
   for text in bad_lines:
     assert S.first_error_line(p, with_line(0, text)) == 0, text
+  # A comment or blank line in place of a step is neutral: the step is missing, so the
+  # next code line (which reads `a`) is the first wrong one.
+  for text in ("    # a comment", ""):
+    assert S.first_error_line(p, with_line(0, text)) == 1, repr(text)
   assert not marker.exists()
   assert S.first_error_line(p, with_line(1, "    b = 10**20")) == 1
   # Extra line after the return; missing lines; trailing blank lines are ignored.
@@ -257,3 +259,18 @@ def test_build_tokenizer_is_idempotent(tokenizer_dir):
   before = os.path.getmtime(path), open(path).read()
   assert S.build_tokenizer(tokenizer_dir, seed=0) == tokenizer_dir
   assert (os.path.getmtime(path), open(path).read()) == before
+
+
+def test_comment_and_blank_lines_are_neutral_for_the_oracle():
+  """A passing program with an inserted comment or blank line has no error line."""
+  p = S.make_split(3, 1, [4], "train")[0]
+  lines = S.response_lines(p.reference)
+  commented = "\n".join(lines[:1] + ["    # first step done", ""] + lines[1:]) + "\n"
+  assert S.first_error_line(p, commented) is None
+  labels = S.oracle_line_labels(p, commented.split("\n")[:-1])
+  assert labels == [1, 0, 0, 1, 1, 1]
+  # A wrong line after the comment is still found, at its own index.
+  broken = commented.split("\n")
+  broken[3] = "    " + broken[3].strip().split("=")[0] + "= 12345"
+  assert S.first_error_line(p, "\n".join(broken)) == 3
+  assert S.oracle_line_labels(p, broken[:-1]) == [1, 0, 0, -1, -1, -1]

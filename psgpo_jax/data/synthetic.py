@@ -63,6 +63,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from psgpo_jax.data.problems import Problem
+from psgpo_jax.lines import is_trivial_line
 from psgpo_jax.sandbox.spec import AssertTests
 
 ARGS = ("x", "y")                      # the function's parameters
@@ -330,7 +331,9 @@ def first_error_line(problem: Problem, response: str) -> Optional[int]:
 
   Exact on the problem's test inputs (see `line_correctness` for what "right" means).
   When the response is a correct prefix that stops before the reference's last line,
-  the result is `len(response_lines(response))`: the first MISSING line.
+  the result is `len(response_lines(response))`: the first MISSING line. Blank and
+  comment-only lines are neutral (never the error; skipped when aligning with the
+  reference), as they are for PRM labels and dense rewards.
   None implies the response passes the tests; the converse fails only for responses that
   repair a wrong state later or pad with extra harmless lines.
 
@@ -347,21 +350,43 @@ def first_error_line(problem: Problem, response: str) -> Optional[int]:
   live = liveness(ref_lines)
   ref_states = [(env, None, False) for env in _inputs(problem)]
   cand_states = list(ref_states)
+  step = 0                                  # reference line the next code line must match
   for k, line in enumerate(cand_lines):
-    if k >= len(ref_lines):
+    if is_trivial_line(line):               # blank / comment-only: neutral, as in labels
+      continue
+    if step >= len(ref_lines):
       return k
     try:
       compiled = compile_line(line)
       new_cand = [compiled(env) for env, _, _ in cand_states]
     except (LineError, RecursionError, MemoryError, OverflowError, TypeError):
       return k
-    ref_states = [run_line(ref_lines[k], env) for env, _, _ in ref_states]
-    if not all(_states_match(r, c, live[k]) for r, c in zip(ref_states, new_cand)):
+    ref_states = [run_line(ref_lines[step], env) for env, _, _ in ref_states]
+    if not all(_states_match(r, c, live[step]) for r, c in zip(ref_states, new_cand)):
       return k
     cand_states = new_cand
-  if len(cand_lines) < len(ref_lines):
+    step += 1
+  if step < len(ref_lines):
     return len(cand_lines)
   return None
+
+
+def oracle_line_labels(problem: Problem, lines: Sequence[str]) -> List[int]:
+  """The oracle's PRM labels of a response's lines: what the binary search estimates.
+
+  A code line is +1 when the prefix ending with it is still right (it can be completed
+  to a passing program: every code line up to it is right), -1 from the first wrong line
+  on; blank and comment-only lines are 0 (neutral), as in collected labels.
+
+  Args:
+    problem: a synthetic problem.
+    lines: the response's lines, without newlines (e.g. `tokenization.LineSpans.lines`).
+  Returns:
+    one int in {-1, 0, +1} per line.
+  """
+  error = first_error_line(problem, "\n".join(lines))
+  return [0 if is_trivial_line(line) else (1 if error is None or k < error else -1)
+          for k, line in enumerate(lines)]
 
 
 def is_correct(problem: Problem, response: str) -> bool:

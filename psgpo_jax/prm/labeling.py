@@ -40,6 +40,8 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 import numpy as np
 
+from psgpo_jax.lines import is_trivial_line, split_lines  # re-exported: callers use these names
+
 Row = Dict[str, Any]
 SELECTIONS = ("revised", "failed", "all")
 SHARD_PATTERN = "labels-{:05d}.jsonl"
@@ -47,27 +49,6 @@ STATS_FILE = "collect_stats.json"
 
 
 # ----------------------------------------------------------------------------- lines
-
-
-def split_lines(response: str) -> List[str]:
-  """Splits a response at '\\n', keeping each line's newline.
-
-  A trailing newline ends the last line and opens no empty line after it, so
-  `''.join(split_lines(r)) == r` and `len(split_lines(r))` is the number of lines.
-  """
-  if not response:
-    return []
-  lines = response.split("\n")
-  out = [line + "\n" for line in lines[:-1]]
-  if lines[-1]:
-    out.append(lines[-1])
-  return out
-
-
-def is_trivial_line(line: str) -> bool:
-  """True for a blank or comment-only line (never a search step, label 0)."""
-  text = line.strip()
-  return not text or text.startswith("#")
 
 
 def step_line_indices(trivial: Sequence[bool], skip_trivial_lines: bool) -> List[int]:

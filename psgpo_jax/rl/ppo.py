@@ -25,7 +25,7 @@ value's only the value model; a non-finite step is skipped).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -38,9 +38,11 @@ Array = jax.Array
 Metrics = Dict[str, Array]
 PPOState = Dict[str, TrainState]          # {'policy': TrainState, 'value': TrainState}
 
-# Batch fields the update reads; any other field of the batch is ignored.
+# Batch fields the update reads; any other field of the batch is ignored. Without a
+# value model (critic-free advantages) `values` and `returns` are not read.
 UPDATE_KEYS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "values",
                "advantages", "returns")
+CRITIC_KEYS = ("values", "returns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,12 +277,16 @@ def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
 # ----------------------------------------------------------------------------- update
 
 
-def make_ppo_loss(policy_module: nn.Module, value_module: nn.Module, config: PPOConfig
+def make_ppo_loss(policy_module: nn.Module, value_module: Optional[nn.Module],
+                  config: PPOConfig
                   ) -> Callable[[Mapping[str, Any], Mapping[str, Array], Array],
                                 Tuple[Array, Metrics]]:
   """`loss_fn(params, minibatch, rng) -> (loss, metrics)` with params {'policy', 'value'}.
 
     loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
+
+  With `value_module=None` (critic-free advantages) params are {'policy'} and the value
+  term is absent.
   """
   def loss_fn(params, mb, rng):
     del rng
@@ -293,19 +299,21 @@ def make_ppo_loss(policy_module: nn.Module, value_module: nn.Module, config: PPO
     entropy = entropy_from_logits(logits, mask, config.temperature)
     if not config.ent_coef:
       entropy = jax.lax.stop_gradient(entropy)
-    values = value_predictions(value_module, params["value"], mb["tokens"],
-                               mb["attention_mask"])
-    v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], mask,
-                                   config.value_clip_eps)
-    loss = pg_loss - config.ent_coef * entropy + config.vf_coef * v_loss
-    metrics = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy,
-               **pg_metrics, **v_metrics}
+    loss = pg_loss - config.ent_coef * entropy
+    metrics = {"policy_loss": pg_loss, "entropy": entropy, **pg_metrics}
+    if value_module is not None:
+      values = value_predictions(value_module, params["value"], mb["tokens"],
+                                 mb["attention_mask"])
+      v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], mask,
+                                     config.value_clip_eps)
+      loss = loss + config.vf_coef * v_loss
+      metrics.update(value_loss=v_loss, **v_metrics)
     return loss, metrics
 
   return loss_fn
 
 
-def make_ppo_update(policy_module: nn.Module, value_module: nn.Module,
+def make_ppo_update(policy_module: nn.Module, value_module: Optional[nn.Module],
                     optimizers: Mapping[str, optax.GradientTransformation],
                     config: PPOConfig
                     ) -> Callable[[PPOState, Mapping[str, Array], Array],
@@ -314,7 +322,8 @@ def make_ppo_update(policy_module: nn.Module, value_module: nn.Module,
 
   Args:
     policy_module: a CausalLM (tokens -> logits [B, T, V]).
-    value_module: a ScalarModel (tokens -> [B, T]).
+    value_module: a ScalarModel (tokens -> [B, T]), or None for critic-free advantages
+      (RLOO / GRPO: no value model, state and optimizers {'policy'} only).
     optimizers: {'policy': optimizer, 'value': optimizer}, each with its own learning
       rate and gradient clipping (e.g. `train_step.make_optimizer`).
     config: PPOConfig.
@@ -328,18 +337,20 @@ def make_ppo_update(policy_module: nn.Module, value_module: nn.Module,
     share of skipped steps), plus batch statistics taken before the update
     (advantages_mean/std, returns_mean, explained_variance).
   """
-  if set(optimizers) != {"policy", "value"}:
-    raise ValueError(f"make_ppo_update needs optimizers for 'policy' and 'value', got "
+  models = {"policy", "value"} if value_module is not None else {"policy"}
+  if set(optimizers) != models:
+    raise ValueError(f"make_ppo_update needs optimizers for {sorted(models)}, got "
                      f"{sorted(optimizers)}.")
   step = multi_gradient_update(make_ppo_loss(policy_module, value_module, config), optimizers,
                                config.micro_batches, weight_key="response_mask")
+  keys = tuple(k for k in UPDATE_KEYS if value_module is not None or k not in CRITIC_KEYS)
 
   def update(state: PPOState, batch: Mapping[str, Array], rng: Array
              ) -> Tuple[PPOState, Metrics]:
-    missing = [k for k in UPDATE_KEYS if k not in batch]
+    missing = [k for k in keys if k not in batch]
     if missing:
-      raise ValueError(f"The PPO batch lacks field(s) {missing}; it needs {UPDATE_KEYS}.")
-    data = {k: jnp.asarray(batch[k]) for k in UPDATE_KEYS}
+      raise ValueError(f"The PPO batch lacks field(s) {missing}; it needs {keys}.")
+    data = {k: jnp.asarray(batch[k]) for k in keys}
     rows = data["tokens"].shape[0]
     mb_size = config.minibatch_size(rows)
     num_mb = config.num_minibatches
@@ -349,9 +360,11 @@ def make_ppo_update(policy_module: nn.Module, value_module: nn.Module,
         "advantages_mean": masked_mean(data["advantages"], mask),
         "advantages_std": jnp.sqrt(masked_mean(
             jnp.square(data["advantages"] - masked_mean(data["advantages"], mask)), mask)),
-        "returns_mean": masked_mean(data["returns"], mask),
-        "explained_variance": explained_variance(data["values"], data["returns"], mask),
     }
+    if value_module is not None:
+      batch_metrics.update(
+          returns_mean=masked_mean(data["returns"], mask),
+          explained_variance=explained_variance(data["values"], data["returns"], mask))
     if config.whiten_advantages:
       data["advantages"] = whiten(data["advantages"], mask)
 

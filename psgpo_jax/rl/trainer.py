@@ -33,7 +33,7 @@ from psgpo_jax.logging import MetricWriter, progress
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.models import scalar_params_from_causal
 from psgpo_jax.prm import train as prm_train
-from psgpo_jax.rl import gae as gae_lib
+from psgpo_jax.rl import advantages as advantages_lib
 from psgpo_jax.rl import ppo, rewards
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler, SamplingConfig
@@ -61,12 +61,18 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, num_sampl
   return SamplingConfig.from_dict(section)
 
 
-def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequence[int]
-                  ) -> Dict[str, np.ndarray]:
+LineLabeler = Callable[[int, Sequence[str]], Sequence[int]]   # (row, lines) -> +-1 / 0 each
+
+
+def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequence[int],
+                  line_labels: Optional[LineLabeler] = None) -> Dict[str, np.ndarray]:
   """Packs rollouts into the fixed-shape arrays the scorer and PPO read.
 
   Returns [N, T] int32 `tokens`, `attention_mask`, `response_mask`, `line_end_mask`,
-  `trivial_line_mask` (right-padded), and [N] float32 `passed`, `pass_fraction`.
+  `trivial_line_mask` (right-padded), and [N] float32 `passed`, `pass_fraction`. With
+  `line_labels` (the oracle dense-reward source) also [N, T] float32 `prm_scores`: at each
+  line-end token the label of the last line ending there (the PRM's label scale), 0
+  elsewhere, exactly where a PRM's scores would sit.
   """
   packed = batching.pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_id, buckets)
   spans = [tokenization.line_spans(tokenizer, p, r)
@@ -77,6 +83,13 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   batch["trivial_line_mask"] = lines["trivial_line_mask"]
   batch["passed"] = rollouts.passed.astype(np.float32)
   batch["pass_fraction"] = rollouts.pass_fraction
+  if line_labels is not None:
+    scores = np.zeros(lines["line_index"].shape, np.float32)
+    for row, row_spans in enumerate(spans):
+      labels = np.asarray(line_labels(row, row_spans.lines), np.float32)
+      at = lines["line_index"][row] >= 0
+      scores[row, at] = labels[lines["line_index"][row, at]]
+    batch["prm_scores"] = scores
   return batch
 
 
@@ -94,14 +107,15 @@ def _rules(key: RulesKey) -> Optional[dict]:
 @functools.lru_cache(maxsize=16)
 def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
                 prm_loss: str = "mse", mesh: Optional[Mesh] = None,
-                rules: RulesKey = None) -> Callable:
+                rules: RulesKey = None, with_value: bool = True) -> Callable:
   """Jitted `score(params, batch) -> dict` of rollout quantities, all [B, T] float32.
 
-  `params` is {'policy', 'ref', 'value'[, 'prm']}; outputs `old_logprobs`,
-  `ref_logprobs`, `values` (aligned as in `rl.ppo`) and `prm_scores` (`prm.train.score`:
-  the PRM's output at each line-end token on the [-1, 1] label scale, 0 elsewhere) when
-  `with_prm`. With a mesh, the forward passes run under the activation-sharding rules
-  (`rules`: a `rules_key`) and the outputs are split by rows like the batch.
+  `params` is {'policy', 'ref'[, 'value'][, 'prm']}; outputs `old_logprobs`,
+  `ref_logprobs`, `values` (aligned as in `rl.ppo`; zeros without a value model) and
+  `prm_scores` (`prm.train.score`: the PRM's output at each line-end token on the
+  [-1, 1] label scale, 0 elsewhere) when `with_prm`. With a mesh, the forward passes run
+  under the activation-sharding rules (`rules`: a `rules_key`) and the outputs are split
+  by rows like the batch.
   """
   policy, scalar = CausalLM(model_cfg), ScalarModel(model_cfg)
 
@@ -110,7 +124,8 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
     out = {
         "old_logprobs": ppo.policy_logprobs(policy, params["policy"], tokens, mask, temperature),
         "ref_logprobs": ppo.policy_logprobs(policy, params["ref"], tokens, mask, temperature),
-        "values": ppo.value_predictions(scalar, params["value"], tokens, mask),
+        "values": (ppo.value_predictions(scalar, params["value"], tokens, mask) if with_value
+                   else jnp.zeros(tokens.shape, jnp.float32)),
     }
     if with_prm:
       out["prm_scores"] = prm_train.score(params["prm"], model_cfg, batch, prm_loss)
@@ -123,8 +138,13 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
 
 
 @functools.lru_cache(maxsize=16)
-def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float) -> Callable:
-  """Jitted `(batch, kl_coef) -> (batch with rewards/advantages/returns, reward stats)`."""
+def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float,
+                      estimator: str = "gae", group_size: int = 1) -> Callable:
+  """Jitted `(batch, kl_coef) -> (batch with rewards/advantages/returns, reward stats)`.
+
+  `estimator` is `rl.advantage` (`advantages.ESTIMATORS`); the critic-free ones group
+  the batch's rows by prompt, `group_size` (= rl.samples_per_prompt) consecutive rows each.
+  """
 
   def advantages(batch, kl_coef):
     token_rewards, stats = rewards.token_rewards(
@@ -133,7 +153,9 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
         prm_scores=batch.get("prm_scores"), logprobs=batch["old_logprobs"],
         ref_logprobs=batch["ref_logprobs"], pass_fraction=batch["pass_fraction"],
         kl_coef=kl_coef)
-    adv, ret = gae_lib.gae(token_rewards, batch["values"], batch["response_mask"], gamma, lam)
+    adv, ret = advantages_lib.estimate_advantages(
+        estimator, token_rewards, batch["values"], batch["response_mask"], group_size, gamma,
+        lam)
     return {**batch, "rewards": token_rewards, "advantages": adv, "returns": ret}, stats
 
   return jax.jit(advantages)
@@ -142,21 +164,24 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
 @functools.lru_cache(maxsize=16)
 def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float,
                 value_lr: float, grad_clip: float, mesh: Optional[Mesh] = None,
-                rules: RulesKey = None, adam_eps: float = 1e-8):
+                rules: RulesKey = None, adam_eps: float = 1e-8, critic: bool = True):
   """(optimizers, the jitted PPO update, its state shardings), built once per setting.
 
   Trainers with the same setting (a resumed run, the ablation's arms) share the compiled
   function. Learning rates are constant, as in the paper's PPO. Without a mesh the
   shardings are None and the update is a plain jit; with one, the PPO state
-  ({'policy', 'value'} TrainStates) is sharded as `train_step.state_shardings` says,
-  batch rows are split over the `batch` mesh axes, and the state is donated.
-  `rules` is a `rules_key` (hashable).
+  ({'policy', 'value'} TrainStates; {'policy'} without a `critic`) is sharded as
+  `train_step.state_shardings` says, batch rows are split over the `batch` mesh axes,
+  and the state is donated. `rules` is a `rules_key` (hashable).
   """
   optimizers = {
       "policy": train_step.make_optimizer(policy_lr, grad_clip=grad_clip, eps=adam_eps),
       "value": train_step.make_optimizer(value_lr, grad_clip=grad_clip, eps=adam_eps)}
   modules = {"policy": CausalLM(model_cfg), "value": ScalarModel(model_cfg)}
-  update = ppo.make_ppo_update(modules["policy"], modules["value"], optimizers, ppo_cfg)
+  if not critic:
+    optimizers.pop("value")
+    modules.pop("value")
+  update = ppo.make_ppo_update(modules["policy"], modules.get("value"), optimizers, ppo_cfg)
   if mesh is None:
     return optimizers, train_step.make_train_step(update), None
   full_rules = _rules(rules)
@@ -167,14 +192,51 @@ def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float
   return optimizers, step, shardings
 
 
+def prm_as_value_params(prm_params: Any, pass_reward: float, fail_reward: float,
+                        prm_loss: str = "mse") -> Any:
+  """The PRM's params with its head mapped from the label scale onto the return scale.
+
+  The PRM (MSE) regresses line labels in [-1, 1] (+1: the prefix can still pass), while
+  returns are on the outcome scale [fail_reward, pass_reward]. The value model is the
+  same ScalarModel, so the affine map v = fail + (pass - fail) * (s + 1) / 2 is folded
+  into the head: kernel * (pass - fail) / 2, bias * (pass - fail) / 2 + (pass + fail) / 2.
+
+  Inside a line (between line ends) the PRM was never trained; the value there is the
+  PRM head read at a mid-line token, mapped the same way (its quality there is measured
+  by the `ppo/explained_variance_*` monitors, not assumed).
+
+  Raises:
+    ValueError: a BCE PRM, whose label-scale score 2 * sigmoid(z) - 1 no linear head
+      reproduces.
+  """
+  if prm_loss != "mse":
+    raise ValueError(f"rl.value_init='prm' maps an MSE PRM's [-1, 1] scores onto returns; a "
+                     f"prm.loss={prm_loss!r} PRM outputs logits whose sigmoid no linear value "
+                     f"head can reproduce. Train the PRM with prm.loss=mse (the paper's), or "
+                     f"set rl.value_init=policy.")
+  half = (float(pass_reward) - float(fail_reward)) / 2.0
+  mid = (float(pass_reward) + float(fail_reward)) / 2.0
+  head = prm_params["score"]
+  mapped = {"kernel": jnp.asarray(head["kernel"]) * half,
+            "bias": jnp.asarray(head["bias"]) * half + mid}
+  params = jax.tree_util.tree_map(jnp.array, dict(prm_params))
+  params["score"] = mapped
+  return params
+
+
 def init_value_params(value_init: str, model_cfg: ModelConfig, policy_params: Any,
-                      prm_params: Optional[Any], rng: Array) -> Any:
-  """Value model params: a copy of the PRM's, the policy's backbone + fresh head, or random."""
+                      prm_params: Optional[Any], rng: Array,
+                      reward_cfg: Optional[rewards.RewardConfig] = None,
+                      prm_loss: str = "mse") -> Any:
+  """Value model params: the PRM's on the return scale (`prm_as_value_params`, rewards
+  from `reward_cfg`, default 1 / 0), the policy's backbone + fresh head, or random."""
   if value_init == "prm":
     if prm_params is None:
       raise ValueError("rl.value_init='prm' needs a trained PRM: run the 'prm' stage first, "
                        "or set rl.value_init='policy'.")
-    return jax.tree_util.tree_map(jnp.array, prm_params)
+    reward_cfg = reward_cfg or rewards.RewardConfig()
+    return prm_as_value_params(prm_params, reward_cfg.pass_reward, reward_cfg.fail_reward,
+                               prm_loss)
   if value_init == "policy":
     return jax.tree_util.tree_map(jnp.array, scalar_params_from_causal(policy_params, model_cfg,
                                                                        rng))
@@ -192,6 +254,9 @@ class RLSetup:
   eval_problems: Sequence[Any]
   sandbox: Any
   evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None   # (params, step) -> metrics
+  # (problem, lines) -> the exact +-1 / 0 label of each line (`synthetic.oracle_line_labels`),
+  # for `rl.dense_source = "oracle"`; None where the problems have no oracle.
+  line_oracle: Optional[Callable[[Any, Sequence[str]], Sequence[int]]] = None
 
 
 def rl_seed(config: ml_collections.ConfigDict) -> int:
@@ -253,9 +318,14 @@ class RLTrainer:
     self.dense_reward = dense_reward
     rl = config.rl
     cfg = setup.model_cfg
-    if dense_reward and prm_params is None:
+    self.dense_source = str(rl.dense_source)
+    self.prm_dense = dense_reward and self.dense_source == "prm"
+    if self.prm_dense and prm_params is None:
       raise ValueError("rl.dense_reward=True needs a trained PRM: run the 'prm' stage first "
-                       "or set rl.dense_reward=False.")
+                       "or set rl.dense_reward=False (or rl.dense_source=oracle).")
+    if dense_reward and self.dense_source == "oracle" and setup.line_oracle is None:
+      raise ValueError("rl.dense_source='oracle' needs problems with a first-error oracle "
+                       "(data.source=synthetic); use rl.dense_source=prm.")
     self.reward_cfg = rewards.RewardConfig.from_config(rl.reward)
     self.ppo_cfg = ppo.PPOConfig.from_config(rl, temperature=config.sampling.temperature)
     rows = rl.prompts_per_step * rl.samples_per_prompt
@@ -267,28 +337,37 @@ class RLTrainer:
       sharding.check_batch_rows(
           rows, mesh, rules, "rl.prompts_per_step * rl.samples_per_prompt",
           "rl.prompts_per_step or rl.samples_per_prompt")
+    self.estimator = str(rl.advantage)
+    if self.estimator not in advantages_lib.ESTIMATORS:
+      raise ValueError(f"rl.advantage={self.estimator!r}; choose one of "
+                       f"{advantages_lib.ESTIMATORS}.")
+    self.critic = self.estimator == "gae"      # RLOO / GRPO train no value model
     key = rules_key(rules)
     self.optimizers, self.update, self.state_shardings = make_update(
         cfg, self.ppo_cfg, float(rl.policy_lr), float(rl.value_lr), float(rl.grad_clip),
-        mesh, key, float(rl.adam_eps))
+        mesh, key, float(rl.adam_eps), self.critic)
     rng = jax.random.PRNGKey(rl_seed(config))
-    value_params = init_value_params(value_init, cfg, policy_params, prm_params,
-                                     jax.random.fold_in(rng, 1))
+    ppo_state = {"policy": train_step.TrainState.create(
+        jax.tree_util.tree_map(jnp.array, policy_params), self.optimizers["policy"])}
+    if self.critic:
+      value_params = init_value_params(value_init, cfg, policy_params, prm_params,
+                                       jax.random.fold_in(rng, 1), self.reward_cfg,
+                                       config.prm.loss)
+      ppo_state["value"] = train_step.TrainState.create(value_params, self.optimizers["value"])
     self.state = {
-        "ppo": {"policy": train_step.TrainState.create(
-                    jax.tree_util.tree_map(jnp.array, policy_params), self.optimizers["policy"]),
-                "value": train_step.TrainState.create(value_params, self.optimizers["value"])},
+        "ppo": ppo_state,
         "ref": policy_params,
         "kl_coef": jnp.asarray(self.reward_cfg.kl_coef, jnp.float32),
         "rng": jax.random.fold_in(rng, 2),
     }
-    if dense_reward:
+    if self.prm_dense:
       self.state["prm"] = prm_params
     if mesh is not None:
       self.state = self._place(self.state)
-    self.scorer = make_scorer(cfg, config.sampling.temperature, dense_reward, config.prm.loss,
-                              mesh, key)
-    self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam)
+    self.scorer = make_scorer(cfg, config.sampling.temperature, self.prm_dense,
+                              config.prm.loss, mesh, key, self.critic)
+    self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam, self.estimator,
+                                          int(rl.samples_per_prompt))
     self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
                            setup.tokenizer, mesh=sharding.sampling_mesh(self.mesh))
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
@@ -352,9 +431,16 @@ class RLTrainer:
 
   # ------------------------------------------------------------------------ one step
 
+  def step_problems(self, step: int) -> List[Any]:
+    """This process's share of the step's problems (all of them on one process)."""
+    rl = self.config.rl
+    index = local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
+                                rl_seed(self.config), self.process_index, self.process_count)
+    return [self.setup.train_problems[i] for i in index]
+
   def rollout(self, step: int) -> Rollouts:
     """Samples and tests this process's share of the step's responses (all of them on one
-    process) with the current policy."""
+    process) with the current policy; `problem_index` indexes `step_problems(step)`."""
     rl = self.config.rl
     index = local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
                                 rl_seed(self.config), self.process_index, self.process_count)
@@ -372,12 +458,18 @@ class RLTrainer:
     t0 = time.time()
     rollouts = self.rollout(step)
     t1 = time.time()
+    labeler = None
+    if self.dense_reward and self.dense_source == "oracle":
+      problems = self.step_problems(step)
+      labeler = lambda row, lines: self.setup.line_oracle(                # noqa: E731
+          problems[rollouts.problem_index[row]], lines)
     host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
-                         self._buckets(rollouts))
+                         self._buckets(rollouts), labeler)
     batch = self._device_batch(host)
-    params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"],
-              "value": self.state["ppo"]["value"].params}
-    if self.dense_reward:
+    params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"]}
+    if self.critic:
+      params["value"] = self.state["ppo"]["value"].params
+    if self.prm_dense:
       params["prm"] = self.state["prm"]
     batch.update(self.scorer(params, batch))
     batch, reward_stats = self.advantage_fn(batch, self.state["kl_coef"])
@@ -409,6 +501,13 @@ class RLTrainer:
     step = self.start_step
     bar = progress(range(self.start_step, self.steps), desc="rl", enabled=show_progress,
                    initial=self.start_step, total=self.steps)
+    if self.setup.evaluate is not None and rl.eval_every and self.start_step == 0:
+      # The learning curve's first point: the initial policy, logged as step -1 (no update).
+      initial = {"eval/updates": 0.0, **{f"eval/{k}": v for k, v in self.setup.evaluate(
+          self.state["ppo"]["policy"].params, 0).items()}}
+      self.history.append({"step": -1, **initial})
+      if writer is not None:
+        writer.write(-1, initial)
     for step in bar:
       metrics = self.train_step(step)
       nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["ppo/nonfinite"] > 0 else 0
@@ -418,8 +517,9 @@ class RLTrainer:
             f"(last at step {step}); those updates were skipped and no checkpoint was written "
             f"after them. Lower rl.policy_lr / rl.value_lr or raise rl.grad_clip's strictness, "
             f"then re-run: training resumes from the last good checkpoint.")
-      if self.setup.evaluate is not None and rl.eval_every and (step + 1) % rl.eval_every == 0 \
-          and step + 1 < self.steps:
+      if self.setup.evaluate is not None and rl.eval_every and (
+          (step + 1) % rl.eval_every == 0 or step + 1 == self.steps):
+        metrics["eval/updates"] = float(step + 1)
         metrics.update({f"eval/{k}": v for k, v in self.setup.evaluate(
             self.state["ppo"]["policy"].params, step + 1).items()})
       self.history.append({"step": step, **metrics})
@@ -444,7 +544,8 @@ class RLTrainer:
 
   def summary(self) -> Dict[str, Any]:
     """Averages of the last steps' key metrics."""
-    tail = self.history[-max(1, len(self.history) // 4):] if self.history else []
+    steps = [h for h in self.history if h["step"] >= 0]
+    tail = steps[-max(1, len(steps) // 4):] if steps else []
     keys = ("reward/pass_rate", "reward/kl", "reward/lines_per_response",
             "reward/trivial_line_share", "reward/prm_score_mean", "reward/dense_reward_mean")
     out = {"steps": self.steps}
@@ -462,5 +563,6 @@ class RLTrainer:
     return self.state["ppo"]["policy"].params
 
   @property
-  def value_params(self) -> Any:
-    return self.state["ppo"]["value"].params
+  def value_params(self) -> Optional[Any]:
+    """The value model's params; None for critic-free advantages (RLOO / GRPO)."""
+    return self.state["ppo"]["value"].params if self.critic else None
