@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from experiments.common import load_config
 from psgpo_jax import pipeline, sharding, stages
 from psgpo_jax.models import CausalLM, ScalarModel, logical_axes
+from psgpo_jax.rl import learner
 from psgpo_jax.rl import trainer as trainer_lib
 from psgpo_jax.rollout import Rollouts
 from psgpo_jax.sandbox import Result
@@ -63,7 +64,7 @@ def _trainer(ctx, workdir, steps, value_params_nan=False, mesh=None, config=None
   config = config or ctx.config
   cfg = ctx.model_cfg
   policy = stages.initial_policy(ctx)
-  prm = trainer_lib.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
+  prm = learner.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"], ctx.problems["eval"],
                               ctx.sandbox)
   t = trainer_lib.RLTrainer(config, setup, str(workdir), policy, prm, steps=steps,
