@@ -18,6 +18,7 @@ setup(
         "transformers>=4.45,<6",
         "safetensors>=0.4.5",
         "tokenizers>=0.20",
+        "jinja2>=3.1",              # tokenizer chat templates (data.prompt_format=chat)
         "tensorflow-datasets>=4.9.7",
         "importlib_resources>=6",   # tensorflow-datasets without TensorFlow needs it
         "array_record>=0.5",

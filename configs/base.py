@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.min_horizon = 2               # synthetic: fewest solution lines
   c.data.max_horizon = 8               # synthetic: most solution lines
   c.data.max_prompt_tokens = 256       # longer prompts are dropped, with a count in the log
+  c.data.prompt_format = "plain"       # plain (the benchmark's prompt, completed as is) |
+                                       # chat (tokenizer's chat template; the program is
+                                       # the answer's ```python block): data/prompts.py
 
   # --- sandbox ----------------------------------------------------------------------
   c.sandbox = ml_collections.ConfigDict()
@@ -65,7 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0
   c.sampling.top_p = 1.0
   c.sampling.top_k = 0                 # 0 = off
-  c.sampling.stop_strings = "\ndef ,\nclass ,\nif __name__,\nprint("   # comma-separated
+  c.sampling.min_prompt_bucket = 16    # smallest padded prompt length (prompts are padded
+                                       # to powers of two from here: fewer compiled shapes
+                                       # when larger)
+  c.sampling.stop_strings = "auto"      # comma-separated; auto = the data source's and
+                                       # prompt format's own (data/prompts.py STOP_STRINGS)
 
   # --- supervised warm-up ---------------------------------------------------------------
   c.sft = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "data.source": ("synthetic", "humaneval", "mbpp", "livecodebench", "apps"),
     "data.on_bad_row": ("skip", "error"),
+    "data.prompt_format": ("plain", "chat"),
     "collect.selection": ("revised", "failed", "all"),
     "prm.loss": ("mse", "bce"),
     "rl.value_init": ("prm", "policy", "random"),

@@ -375,7 +375,8 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
                                show_progress=show_progress)
     for i, text, result in zip(rollouts.problem_index, rollouts.texts, rollouts.results):
       problem = part[i]
-      samples.append({"task_id": problem.id, "completion": text, "passed": result.passed,
+      code = problem.code(text)       # the chat answer's code block, or the text itself
+      samples.append({"task_id": problem.id, "completion": code, "passed": result.passed,
                       "result": result.status, "source": problem.source,
                       "horizon": int(problem.metadata.get("horizon", 0)),
                       "lines": count_lines(text)})

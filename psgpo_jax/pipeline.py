@@ -28,6 +28,8 @@ class RunContext:
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
+    from psgpo_jax.data.prompts import resolve_stop_strings  # pylint: disable=import-outside-toplevel
+    resolve_stop_strings(config)          # "auto": the data source's own stop strings
     self.config = config
     self.workdir = os.path.abspath(config.workdir)
     self.results: Dict[str, Dict[str, Any]] = {}
@@ -50,7 +52,8 @@ class RunContext:
   @property
   def problems(self) -> Dict[str, list]:
     """{"train": [...], "eval": [...]} problems."""
-    return self._once("problems", lambda: stages.load_run_problems(self.config))
+    return self._once("problems",
+                      lambda: stages.load_run_problems(self.config, self.tokenizer))
 
   @property
   def model_cfg(self):

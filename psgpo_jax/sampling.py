@@ -119,8 +119,15 @@ class SamplingConfig:
 
   @classmethod
   def from_dict(cls, values) -> "SamplingConfig":
-    """From a mapping such as `config.sampling`; comma-separated strings become tuples."""
+    """From a mapping such as `config.sampling`; comma-separated strings become tuples.
+
+    stop_strings "auto" not resolved for a data source (`data.prompts.
+    resolve_stop_strings`, which the pipeline's RunContext calls) means function stops.
+    """
     values = checked_fields(cls, values, "sampling config")
+    if values.get("stop_strings") == "auto":   # unresolved (no data source): function stops
+      from psgpo_jax.data.prompts import FUNCTION_STOPS  # pylint: disable=import-outside-toplevel
+      values["stop_strings"] = FUNCTION_STOPS
     if isinstance(values.get("stop_strings"), str):
       values["stop_strings"] = tuple(s for s in values["stop_strings"].split(",") if s)
     if isinstance(values.get("eos_ids"), str):

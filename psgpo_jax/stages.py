@@ -46,8 +46,38 @@ def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   return load_tokenizer(path)
 
 
-def load_run_problems(config: ml_collections.ConfigDict) -> Dict[str, list]:
-  """{"train", "eval"} problems of the configured source."""
+def load_run_problems(config: ml_collections.ConfigDict, tokenizer=None) -> Dict[str, list]:
+  """{"train", "eval"} problems of the configured source, in `data.prompt_format`.
+
+  With a tokenizer, prompts longer than `data.max_prompt_tokens` tokens are dropped
+  (counted in the log); the chat format needs it (its chat template).
+  """
+  splits = _load_splits(config)
+  if tokenizer is None:
+    if config.data.get("prompt_format", "plain") != "plain":
+      raise ConfigError("data.prompt_format=chat needs the run's tokenizer (its chat "
+                        "template): pass tokenizer= to load_run_problems.")
+    return splits
+  from psgpo_jax.data import prompts  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name, split in splits.items():
+    split = prompts.format_problems(split, tokenizer, config.data.prompt_format)
+    out[name] = drop_long_prompts(split, tokenizer, config.data.max_prompt_tokens, name)
+  return out
+
+
+def drop_long_prompts(problems: List[Any], tokenizer, max_tokens: int, name: str) -> List[Any]:
+  """The problems whose prompt has at most `max_tokens` tokens; prints how many were not."""
+  from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
+  kept = [p for p in problems if len(encode(tokenizer, p.prompt)) <= max_tokens]
+  if len(kept) < len(problems):
+    print(f"[data] {name}: dropped {len(problems) - len(kept)} of {len(problems)} problems "
+          f"whose prompt is longer than data.max_prompt_tokens={max_tokens} tokens")
+  return kept
+
+
+def _load_splits(config: ml_collections.ConfigDict) -> Dict[str, list]:
+  """{"train", "eval"} problems of the configured source, as loaded."""
   from psgpo_jax.data import problems as problems_lib  # pylint: disable=import-outside-toplevel
   from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel

@@ -10,3 +10,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="session")
+def toy_checkpoint(tmp_path_factory) -> str:
+  """A toy Qwen2.5-Coder-Instruct style directory (random Qwen2 + BPE on HumanEval),
+  built once per session by experiments/make_toy_checkpoint.py."""
+  from experiments.make_toy_checkpoint import build_toy_checkpoint
+  return build_toy_checkpoint(str(tmp_path_factory.mktemp("toy_qwen25_coder")))

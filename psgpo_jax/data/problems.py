@@ -42,6 +42,8 @@ class Problem:
     source: "humaneval" | "mbpp" | "livecodebench" | "apps" | "synthetic".
     metadata: JSON-compatible extras (difficulty, contest date, horizon, ...). Use lists,
       not tuples, so that a JSON round trip gives an equal Problem.
+    response_format: "plain" (the response is code) | "fenced" (a chat answer: its code
+      is the first fenced block, see `fenced_code`).
   """
   id: str
   prompt: str
@@ -51,10 +53,45 @@ class Problem:
   reference: Optional[str] = None
   source: str = ""
   metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+  response_format: str = "plain"
+
+  def code(self, completion: str) -> str:
+    """The code a response contributes: itself, or its fenced block ("fenced")."""
+    return fenced_code(completion) if self.response_format == "fenced" else completion
 
   def program(self, completion: str) -> str:
-    """The program to run: `program_prefix + completion`."""
-    return self.program_prefix + completion
+    """The program to run: `program_prefix + code(completion)`."""
+    return self.program_prefix + self.code(completion)
+
+
+FENCE = "```"
+
+
+def fenced_code(text: str) -> str:
+  """The code of the first fenced block of a chat answer (```python ... ```).
+
+  The block closes at the next line that starts with ```. An unclosed block (a
+  response cut by a stop string or the token limit, or a prefix the PRM labeler
+  probes) runs to the end of the text; text without a fence is code as it is. The info string after the opening fence ("python", "py") is dropped.
+
+  Args:
+    text: the response.
+  Returns:
+    the block's lines, each ended by a newline ("" for an empty block).
+  """
+  start = text.find(FENCE)
+  if start < 0:
+    return text
+  body_start = text.find("\n", start)
+  if body_start < 0:
+    return ""
+  body = text[body_start + 1:]
+  if body.startswith(FENCE):
+    return ""
+  end = body.find("\n" + FENCE)          # the closing fence starts a line
+  if end >= 0:
+    body = body[:end + 1]
+  return body if not body or body.endswith("\n") else body + "\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,8 +400,8 @@ LCB_STDIN_FORMAT = ("Read the inputs from stdin, solve the problem and write the
                     "stdout (do not directly test on the sample inputs).")
 LCB_CALL_FORMAT = ("You will use the following starter code to write the solution to the "
                    "problem.\n```python\n{starter_code}\n```")
-LCB_PROMPT = ("### Question:\n{question}\n\n### Format: {format}\n\n"
-              "### Answer: (the complete program, ended by ```)\n```python\n")
+LCB_ANSWER = "### Answer: (the complete program, ended by ```)\n```python\n"
+LCB_PROMPT = "### Question:\n{question}\n\n### Format: {format}\n\n" + LCB_ANSWER
 
 
 class _NoGlobalsUnpickler(pickle.Unpickler):
