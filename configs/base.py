@@ -95,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.collect.num_prompts = 128          # training prompts whose responses are labeled
   c.collect.responses_per_prompt = 4
   c.collect.completions = 20           # K: completions sampled per probed prefix
+  c.collect.labeler = "search"         # search (K completions per probe) | oracle (synthetic:
+                                       # each probe answered exactly by the first-error oracle)
   c.collect.temperature = 1.0
   c.collect.batch_responses = 64       # responses whose searches advance together
   c.collect.skip_trivial_lines = True  # blank/comment-only lines are not search steps (label 0)

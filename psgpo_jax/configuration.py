@@ -19,6 +19,7 @@ CHOICES = {
     "data.on_bad_row": ("skip", "error"),
     "data.prompt_format": ("plain", "chat"),
     "collect.selection": ("revised", "failed", "all"),
+    "collect.labeler": ("search", "oracle"),
     "prm.loss": ("mse", "bce"),
     "rl.value_init": ("prm", "policy", "random"),
     "rl.advantage": ("gae", "rloo", "grpo"),

@@ -269,6 +269,27 @@ def test_search_with_a_perfect_completer_finds_the_oracle_first_error(problems, 
   assert sum(r["completions_spent"] for r in rows) < linear
 
 
+def test_oracle_labeler_equals_the_perfect_completer(problems, pool):
+  """`collect.labeler = oracle` answers each probe from the first-error oracle; it must
+  give the labels of a perfect completer that really runs the prefix + the reference's
+  remaining lines in the sandbox, including recoverable (+1) prefixes."""
+  from psgpo_jax.data import synthetic
+  rng = np.random.default_rng(1)
+  responses = [synthetic.corrupt_response(p, rng)[0] for p in problems]
+  outcomes = [bool(r.passed) for r in pool.run_many(
+      [(p.program(r), p.tests) for p, r in zip(problems, responses)])]
+  config = lab.LabelingConfig(completions=1, labeler="oracle")
+  exact = lab.label_batch(problems, responses, outcomes,
+                          lab.oracle_probe(synthetic.first_error_line), config)
+  ran = lab.label_batch(problems, responses, outcomes,
+                        _reference_completer_probe(pool.run_many), config)
+  assert [r["line_labels"] for r in exact] == [r["line_labels"] for r in ran]
+  searched = [r for r in exact if r["searched"]]
+  assert searched and any(r["first_bad_step"] > 0 for r in searched)   # +1 lines exist
+  with pytest.raises(ValueError, match="collect.labeler='nope'"):
+    lab.LabelingConfig(labeler="nope")
+
+
 def _respond_fn(run_many, batch_calls, crash_at=None):
   """Per prompt: the reference and one corrupted response (deterministic per id), tested."""
   from psgpo_jax.data import synthetic

@@ -44,6 +44,7 @@ from psgpo_jax.lines import is_trivial_line, split_lines  # re-exported: callers
 
 Row = Dict[str, Any]
 SELECTIONS = ("revised", "failed", "all")
+LABELERS = ("search", "oracle")
 SHARD_PATTERN = "labels-{:05d}.jsonl"
 STATS_FILE = "collect_stats.json"
 
@@ -188,6 +189,9 @@ class LabelingConfig:
     balance: subsample lines so that positive and negative lines balance.
     max_new_tokens: longest response or completion, in tokens.
     top_p, top_k: sampling filters.
+    labeler: "search" (K sampled completions per probed prefix) or "oracle" (the same
+      binary search, each probe answered exactly by the problems' first-error oracle: the
+      labels a perfect prover would give, at no sampling cost).
   """
   completions: int = 20
   temperature: float = 1.0
@@ -200,8 +204,11 @@ class LabelingConfig:
   max_new_tokens: int = 128
   top_p: float = 1.0
   top_k: int = 0
+  labeler: str = "search"
 
   def __post_init__(self):
+    if self.labeler not in LABELERS:
+      raise ValueError(f"collect.labeler={self.labeler!r}; choose one of {LABELERS}.")
     if self.selection not in SELECTIONS:
       raise ValueError(f"collect.selection={self.selection!r}; choose one of {SELECTIONS}.")
     if self.completions < 1 or self.responses_per_prompt < 1 or self.batch_responses < 1:
@@ -223,7 +230,7 @@ class LabelingConfig:
                skip_trivial_lines=bool(c.skip_trivial_lines), selection=str(c.selection),
                drop_uniform_prompts=bool(c.drop_uniform_prompts), balance=bool(c.balance),
                max_new_tokens=int(s.max_new_tokens), top_p=float(s.top_p),
-               top_k=int(s.top_k))
+               top_k=int(s.top_k), labeler=str(c.get("labeler", "search")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +252,22 @@ class PrefixJob:
 # probe_fn(jobs) -> per job, the number of passing completions out of K (a bool counts
 # as 0/1). The prefix is correct iff that number is > 0.
 ProbeFn = Callable[[List[PrefixJob]], Sequence[int]]
+
+
+def oracle_probe(oracle_fn: "OracleFn") -> ProbeFn:
+  """A probe answered by the first-error oracle instead of K sampled completions.
+
+  A prefix is recoverable (1) iff the oracle finds no wrong line in it: a correct prefix
+  that stops early can still be completed. Exact, so the binary search over it finds the
+  oracle's first wrong step (`collect.labeler = "oracle"`).
+  """
+  def probe(jobs: List[PrefixJob]) -> List[int]:
+    out = []
+    for job in jobs:
+      first = oracle_fn(job.problem, job.prefix)
+      out.append(int(first is None or first >= len(split_lines(job.prefix))))
+    return out
+  return probe
 
 
 def label_batch(problems: Sequence[Any], responses: Sequence[str], passed: Sequence[bool],
@@ -825,7 +848,13 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
                                respond_rng, mesh)
   probes: List[PolicyProbe] = []
 
+  if labeling.labeler == "oracle" and oracle_fn is None:
+    raise ValueError("collect.labeler='oracle' needs problems with a first-error oracle "
+                     "(data.source=synthetic); use collect.labeler=search.")
+
   def probe_for_batch(b: int) -> ProbeFn:
+    if labeling.labeler == "oracle":
+      return oracle_probe(oracle_fn)
     probe = PolicyProbe(completer_params, model_cfg, tokenizer, probe_cfg, run_many_fn,
                         jax.random.fold_in(probe_rng, b), mesh)
     probes.append(probe)
