@@ -43,7 +43,7 @@ def reference(rewards, mask, k, estimator, gamma):
     if estimator == "rloo":
       baseline, scale = (group.sum() - totals[r]) / (k - 1), 1.0
     else:
-      baseline, scale = group.mean(), group.std() + A.GRPO_EPS
+      baseline, scale = group.mean(), max(group.std(), A.GRPO_MIN_STD)
     for t in range(length):
       if mask[r, t]:
         adv[r, t] = (to_go[r, t] - baseline) / scale
@@ -73,9 +73,14 @@ def test_outcome_only_rewards_give_the_sequence_level_estimators():
       np.array([[2 / 3], [-2 / 3], [-2 / 3], [2 / 3]], np.float32), 5, axis=1), rtol=1e-6)
   grpo, _ = A.group_advantages(rewards, mask, 4, "grpo")
   np.testing.assert_allclose(np.asarray(grpo)[:, 0], [1, -1, -1, 1], rtol=1e-5)
-  # A group where every sample failed carries no signal (all advantages 0).
+  # A group where every sample failed carries no signal (all advantages 0) ...
   same, _ = A.group_advantages(np.zeros((4, 5), np.float32), mask, 4, "grpo")
   assert np.all(np.asarray(same) == 0.0)
+  # ... and KL-sized differences between its samples stay KL-sized (the std floor).
+  kl_only = np.zeros((4, 5), np.float32)
+  kl_only[:, 2] = [-0.001, -0.003, 0.0, -0.002]
+  small, _ = A.group_advantages(kl_only, mask, 4, "grpo")
+  assert np.max(np.abs(np.asarray(small))) <= 0.0015 / A.GRPO_MIN_STD + 1e-6
 
 
 def test_dense_rewards_give_per_line_credit_within_a_response():

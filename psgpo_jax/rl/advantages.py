@@ -13,7 +13,13 @@ shares are whole prompts). With G_t the discounted return-to-go of row i at t an
 R_i = G at its first response token (the whole response's return):
 
   rloo:  A_t = G_t - mean_{j != i} R_j                      (leave-one-out, Kool et al. 2019)
-  grpo:  A_t = (G_t - mean_j R_j) / (std_j R_j + eps)       (group-normalised, Shao et al. 2024)
+  grpo:  A_t = (G_t - mean_j R_j) / max(std_j R_j, GRPO_MIN_STD)   (group-normalised,
+                                                             Shao et al. 2024)
+
+GRPO's floor on the group's std: where a prompt's samples all pass or all fail, their
+returns differ only by the KL penalty and dense rewards (hundredths), and dividing by that
+std would turn those differences into advantages as large as a real success's. With the
+floor they stay that small. (Without KL and dense rewards such a group has A = 0.)
 
 With an outcome reward only (G_t = R_i for every t) these are the usual sequence-level
 estimators. Returns (what a value model would regress on) are G_t.
@@ -29,7 +35,7 @@ from psgpo_jax.rl.gae import gae
 
 Array = jax.Array
 ESTIMATORS = ("gae", "rloo", "grpo")
-GRPO_EPS = 1e-6
+GRPO_MIN_STD = 0.05     # in units of the outcome reward (pass - fail = 1 by default)
 
 
 def returns_to_go(rewards: Array, mask: Array, gamma: float = 1.0) -> Array:
@@ -65,7 +71,7 @@ def group_baselines(totals: Array, group_size: int, estimator: str) -> Tuple[Arr
     totals: [B] float, each response's return R_i (B a multiple of group_size).
     group_size: k, samples per prompt (consecutive rows).
     estimator: "rloo" (baseline = mean of the others, scale 1) or "grpo" (baseline =
-      group mean, scale = group std + GRPO_EPS).
+      group mean, scale = max(group std, GRPO_MIN_STD)).
   Returns:
     (baseline [B], scale [B]) float32.
   """
@@ -83,7 +89,8 @@ def group_baselines(totals: Array, group_size: int, estimator: str) -> Tuple[Arr
     scale = jnp.ones_like(groups)
   elif estimator == "grpo":
     baseline = jnp.broadcast_to(mean, groups.shape)
-    scale = jnp.broadcast_to(jnp.std(groups, axis=1, keepdims=True) + GRPO_EPS, groups.shape)
+    std = jnp.maximum(jnp.std(groups, axis=1, keepdims=True), GRPO_MIN_STD)
+    scale = jnp.broadcast_to(std, groups.shape)
   else:
     raise ValueError(f"estimator={estimator!r}; the group estimators are 'rloo' and 'grpo'.")
   return baseline.reshape(rows), scale.reshape(rows)
