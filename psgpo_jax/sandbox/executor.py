@@ -327,7 +327,8 @@ class Sandbox:
           w.inflight.remove(key)
           results[key] = Result(message["passed"], message["status"],
                                 message["tests_passed"], message["tests_total"],
-                                message["detail"], message["seconds"])
+                                message["detail"], message["seconds"],
+                                tuple(message.get("hacks", ())))
           self.stats["runs"] += 1
           w.busy_since = now
           if bar is not None:

@@ -96,7 +96,8 @@ class Worker:
       self._clean_up(pid)
       remove_tree(jobdir)
     events = verdict.parse_events(watch["results"], token, pid, total)
-    result = verdict.classify(watch, events, total, limits)
+    result = verdict.classify(watch, events, total, limits,
+                              in_process=tests["kind"] == "assert")
     result["seconds"] = time.monotonic() - start
     return result
 

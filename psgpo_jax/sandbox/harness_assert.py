@@ -1,0 +1,154 @@
+"""Assert-style tests: the program and the test snippets share one namespace.
+
+The program has to run in this process (the snippets call it directly), so nothing
+the program can reach may decide the verdict:
+
+- Every reference the harness uses after the program ran (`exec`, the exception
+  class it catches, the reporter, the guards) is a local taken before the program
+  ran, or a closure cell; no builtin or module global is looked up on the way from
+  "the snippet returned" to "the result line is written". All test snippets are
+  compiled before the program runs.
+- Each snippet is compiled with one more statement at its end that stores a per-run
+  random value under a per-run random name; the snippet counts as passed only if
+  that value is there afterwards, so "no exception" never means "nothing ran".
+- Before and after each snippet, builtins, the watched modules and
+  `__builtins__` are put back as they were (`monitor.make_restorer`), and trace and
+  profile hooks are removed; what had changed is reported as a hack.
+- An audit hook reports frame introspection and process tricks by the program
+  (`monitor.make_audit_hook`); classes with comparison overrides and early exits
+  (SystemExit, KeyboardInterrupt, other BaseExceptions) are reported too.
+
+What cannot be prevented here (an object whose `__eq__` always returns True, a
+function that reads the expected value from its caller's frame) is reported on the
+`H` lines and ends up in `Result.hacks`; docs/sandbox.md has the list.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import os
+import sys
+import types
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from psgpo_jax.sandbox import monitor, report
+
+Compiled = Tuple[Optional[types.CodeType], str, str]   # (code, proof value, error)
+
+
+def _compile_with_proof(source: str, filename: str, key: str,
+                        value: str) -> Compiled:
+  """Compiles `source` followed by `<key> = <value>` (the proof that it ran to its end).
+
+  Returns (code, value, "") or (None, value, error detail) when it does not compile.
+  """
+  try:
+    tree = ast.parse(source, filename)
+    tree.body.append(ast.Assign(targets=[ast.Name(key, ast.Store())],
+                                value=ast.Constant(value)))
+    return compile(ast.fix_missing_locations(tree), filename, "exec"), value, ""
+  except BaseException as exc:  # pylint: disable=broad-except
+    return None, value, report.describe_exception(exc, {filename: source})
+
+
+def _compile_tests(tests: Sequence[str], key: str) -> List[Compiled]:
+  """Every snippet compiled with its own random proof value (see above)."""
+  return [_compile_with_proof(test, f"<test {index}>", key, os.urandom(8).hex())
+          for index, test in enumerate(tests)]
+
+
+def _load(program: str, setup: str, namespace: Dict[str, Any],
+          sources: Dict[str, str]) -> Optional[BaseException]:
+  """Runs `setup` then `program` in `namespace`; returns the exception, if any."""
+  try:
+    for name, source in (("<setup>", setup), ("<program>", program)):
+      if source:
+        sources[name] = source
+        exec(compile(source, name, "exec"), namespace)  # pylint: disable=exec-used
+    return None
+  except BaseException as exc:  # pylint: disable=broad-except
+    return exc
+
+
+def _load_failure(exc: BaseException, sources: Dict[str, str]) -> Tuple[str, str]:
+  """(code, detail) for a program or setup that raised while loading."""
+  code = report.exception_code(exc)
+  detail = report.describe_exception(exc, sources)
+  if isinstance(exc, SystemExit):
+    detail = f"exited before the tests ran ({detail})"
+  return ("error" if code == "fail" else code), detail
+
+
+def run_assert(program: str, tests: Sequence[str], setup: str,
+               reporter: types.SimpleNamespace) -> None:
+  """Setup + program, then each snippet in the same namespace (see the module doc)."""
+  # Everything below the program's first line uses only these locals.
+  trusted_exec, base_exception, plain_exception = exec, BaseException, Exception
+  str_type, exact_type, is_instance, index_range = str, type, isinstance, range
+  settrace, setprofile, gettrace, getprofile = (sys.settrace, sys.setprofile,
+                                                sys.gettrace, sys.getprofile)
+  test_report, hack, done, load_failed = (reporter.test, reporter.hack, reporter.done,
+                                          reporter.load_failed)
+  describe, exception_code, flush = (report.describe_exception, report.exception_code,
+                                     report.flush_std_streams)
+  builtins_module, count = builtins, len(tests)
+  proof_key = "_proof_" + os.urandom(8).hex()
+  compiled = _compile_tests(tests, proof_key)
+  restore = monitor.make_restorer()
+  sys.addaudithook(monitor.make_audit_hook(hack))
+
+  def guard() -> None:
+    """Undoes patching and hooks; reports what it found."""
+    for kind in restore():
+      hack(kind, "changed by the program")
+    if gettrace() is not None or getprofile() is not None:
+      settrace(None)
+      setprofile(None)
+      hack("introspects_frames", "a trace or profile hook was set")
+    if namespace.get("__builtins__") is not builtins_module:
+      namespace["__builtins__"] = builtins_module
+      hack("patches_builtins", "__builtins__ replaced")
+
+  def early_exit(exc: BaseException) -> None:
+    if not is_instance(exc, plain_exception):
+      hack("exits_early", f"{exact_type(exc).__name__} raised")
+
+  namespace: Dict[str, Any] = {"__name__": "__sandbox__", "__builtins__": builtins}
+  sources: Dict[str, str] = {}
+  failure = _load(program, setup, namespace, sources)
+  guard()
+  if failure is not None:
+    early_exit(failure)
+    code, detail = _load_failure(failure, sources)
+    if code == "oom":
+      namespace.clear()  # release the program's memory before reporting
+    load_failed(code, detail)
+    return
+  for name in monitor.comparison_overrides(namespace):
+    hack("overrides_comparison", f"class {name} defines comparisons")
+  for index in index_range(count):
+    code, proof, error = compiled[index]
+    name = f"<test {index}>"
+    sources[name] = tests[index]
+    if code is None:
+      test_report(index, "error", f"test {index}: {error}")
+      continue
+    guard()
+    try:
+      trusted_exec(code, namespace)
+      ran = namespace.pop(proof_key, None)
+      guard()
+      if exact_type(ran) is str_type and ran == proof:
+        test_report(index, "ok")
+      else:
+        test_report(index, "error", f"test {index}: did not run to its end")
+    except base_exception as exc:  # pylint: disable=broad-except
+      guard()
+      early_exit(exc)
+      result = exception_code(exc)
+      if result == "oom":
+        namespace.clear()
+      test_report(index, result, f"test {index}: " + describe(exc, sources))
+  flush()
+  guard()
+  done(count)
