@@ -16,7 +16,8 @@ the program can reach may decide the verdict:
   profile hooks are removed; what had changed is reported as a hack.
 - An audit hook reports frame introspection and process tricks by the program
   (`monitor.make_audit_hook`); classes with comparison overrides and early exits
-  (SystemExit, KeyboardInterrupt, other BaseExceptions) are reported too.
+  (SystemExit, KeyboardInterrupt, other BaseExceptions) and builtins shadowed by
+  the program's own globals are reported too.
 
 What cannot be prevented here (an object whose `__eq__` always returns True, a
 function that reads the expected value from its caller's frame) is reported on the
@@ -55,6 +56,19 @@ def _compile_tests(tests: Sequence[str], key: str) -> List[Compiled]:
   """Every snippet compiled with its own random proof value (see above)."""
   return [_compile_with_proof(test, f"<test {index}>", key, os.urandom(8).hex())
           for index, test in enumerate(tests)]
+
+
+def program_module() -> Dict[str, Any]:
+  """The program's globals: the `__dict__` of a module `__sandbox__` in `sys.modules`.
+
+  Registered so that library code that looks up a class's module (dataclasses,
+  pickle, typing) finds it; named `__sandbox__` so `if __name__ == "__main__":`
+  blocks do not run.
+  """
+  module = types.ModuleType("__sandbox__")
+  module.__builtins__ = builtins
+  sys.modules["__sandbox__"] = module
+  return module.__dict__
 
 
 def _load(program: str, setup: str, namespace: Dict[str, Any],
@@ -113,7 +127,7 @@ def run_assert(program: str, tests: Sequence[str], setup: str,
     if not is_instance(exc, plain_exception):
       hack("exits_early", f"{exact_type(exc).__name__} raised")
 
-  namespace: Dict[str, Any] = {"__name__": "__sandbox__", "__builtins__": builtins}
+  namespace = program_module()
   sources: Dict[str, str] = {}
   failure = _load(program, setup, namespace, sources)
   guard()
@@ -126,6 +140,8 @@ def run_assert(program: str, tests: Sequence[str], setup: str,
     return
   for name in monitor.comparison_overrides(namespace):
     hack("overrides_comparison", f"class {name} defines comparisons")
+  for name in monitor.shadowed_builtins(namespace):
+    hack("patches_builtins", f"the builtin {name} is shadowed")
   for index in index_range(count):
     code, proof, error = compiled[index]
     name = f"<test {index}>"

@@ -22,7 +22,7 @@ import sys
 import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from psgpo_jax.sandbox import compare, confine, report
+from psgpo_jax.sandbox import compare, confine, harness_assert, report
 
 # Exit codes of a program process.
 _CASE_OK, _CASE_ERROR, _CASE_OOM, _CASE_OUTPUT = 0, 1, 2, 3
@@ -210,7 +210,7 @@ def _call_process(program: str, fn_name: str, class_name: Optional[str],
   try:
     out = open(results_path, "w", encoding="utf-8")
     record = lambda *fields: (out.write(dumps(list(fields)) + "\n"), out.flush())
-    namespace: Dict[str, Any] = {"__name__": "__sandbox__", "__builtins__": builtins}
+    namespace = harness_assert.program_module()
     try:
       exec(compile(program, "<program>", "exec"), namespace)  # pylint: disable=exec-used
       factory = _resolve_callee(namespace, fn_name, class_name)
