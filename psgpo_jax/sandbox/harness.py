@@ -24,9 +24,22 @@ imports these modules before forking.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from psgpo_jax.sandbox import harness_assert, harness_io, report
+
+
+_OWN_MODULES: List[str] = []
+
+
+def prepare() -> None:
+  """Work done once in the worker, before it forks: names of our modules, snapshots."""
+  _OWN_MODULES[:] = _own_module_names()
+  harness_assert.prepare()
+
+
+def _own_module_names() -> List[str]:
+  return [n for n in sys.modules if n == "psgpo_jax" or n.startswith("psgpo_jax.")]
 
 
 def _forget_own_modules() -> None:
@@ -35,16 +48,16 @@ def _forget_own_modules() -> None:
   A program that imports `psgpo_jax.sandbox.harness` then gets a fresh copy, not
   the modules running it, so patching that copy changes nothing here.
   """
-  for name in [n for n in sys.modules if n == "psgpo_jax" or n.startswith("psgpo_jax.")]:
-    del sys.modules[name]
+  for name in _OWN_MODULES or _own_module_names():
+    sys.modules.pop(name, None)
 
 
 def run(program: str, tests: Dict[str, Any], result_fd: int, token: str) -> None:
   """Runs `program` against a serialised test spec (see `executor.spec_to_dict`)."""
   reporter = report.make_reporter(result_fd, token)
-  _forget_own_modules()
   kind = tests["kind"]
   if kind == "assert":
+    _forget_own_modules()
     harness_assert.run_assert(program, tests["tests"], tests.get("setup", ""), reporter)
   elif kind == "stdio":
     harness_io.run_stdio(program, tests["cases"], result_fd, reporter)

@@ -25,7 +25,6 @@ function that reads the expected value from its caller's frame) is reported on t
 """
 from __future__ import annotations
 
-import ast
 import builtins
 import os
 import sys
@@ -39,15 +38,16 @@ Compiled = Tuple[Optional[types.CodeType], str, str]   # (code, proof value, err
 
 def _compile_with_proof(source: str, filename: str, key: str,
                         value: str) -> Compiled:
-  """Compiles `source` followed by `<key> = <value>` (the proof that it ran to its end).
+  """Compiles `source` followed by `<key> = '<value>'` (the proof it ran to its end).
 
-  Returns (code, value, "") or (None, value, error detail) when it does not compile.
+  The proof is one more statement at column 0 after a newline: it closes whatever
+  block the source ended in and changes nothing else (a source that does not
+  compile alone does not compile with it either). Returns (code, value, "") or
+  (None, value, error detail) when it does not compile.
   """
   try:
-    tree = ast.parse(source, filename)
-    tree.body.append(ast.Assign(targets=[ast.Name(key, ast.Store())],
-                                value=ast.Constant(value)))
-    return compile(ast.fix_missing_locations(tree), filename, "exec"), value, ""
+    code = compile(f"{source}\n{key} = {value!r}\n", filename, "exec")
+    return code, value, ""
   except BaseException as exc:  # pylint: disable=broad-except
     return None, value, report.describe_exception(exc, {filename: source})
 
@@ -56,6 +56,18 @@ def _compile_tests(tests: Sequence[str], key: str) -> List[Compiled]:
   """Every snippet compiled with its own random proof value (see above)."""
   return [_compile_with_proof(test, f"<test {index}>", key, os.urandom(8).hex())
           for index, test in enumerate(tests)]
+
+
+_prepared: Dict[str, Any] = {}
+
+
+def prepare() -> None:
+  """Takes the builtins/modules snapshot once, in the worker, before any fork.
+
+  Each run then only compares against it (see `monitor.make_restorer`); without
+  this call every run takes its own snapshot first, which is slower only.
+  """
+  _prepared["restore"] = monitor.make_restorer()
 
 
 def program_module() -> Dict[str, Any]:
@@ -108,7 +120,7 @@ def run_assert(program: str, tests: Sequence[str], setup: str,
   builtins_module, count = builtins, len(tests)
   proof_key = "_proof_" + os.urandom(8).hex()
   compiled = _compile_tests(tests, proof_key)
-  restore = monitor.make_restorer()
+  restore = _prepared.get("restore") or monitor.make_restorer()
   sys.addaudithook(monitor.make_audit_hook(hack))
 
   def guard() -> None:

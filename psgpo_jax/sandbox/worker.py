@@ -289,6 +289,7 @@ def start(isolate: bool, preimport: List[str]) -> Worker:
     except Exception:  # pylint: disable=broad-except
       iso.notes.append(f"could not pre-import {name}")
   worker = Worker(iso, host_pid, pool_in, pool_out)
+  harness.prepare()
   gc.freeze()  # keep the pre-imported heap out of the children's collections (COW)
   return worker
 
