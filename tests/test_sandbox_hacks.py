@@ -152,7 +152,8 @@ ASSERT_HACKS = {
         "  return [c for c in consts if type(c) is int][-1]\n", EQ_TESTS, ("passed",),
         {"introspects_frames"}),
     "inspect_caller_frame": (
-        "import inspect\ndef add(a, b):\n  consts = inspect.currentframe().f_back.f_code.co_consts\n"
+        "import inspect\ndef add(a, b):\n"
+        "  consts = inspect.currentframe().f_back.f_code.co_consts\n"
         "  return [c for c in consts if type(c) is int][-1]\n", EQ_TESTS, ("passed",),
         {"introspects_frames"}),
     "traceback_frame_hidden_names": (
@@ -263,6 +264,9 @@ CALL_HACKS = {
         "    except OSError:\n      pass\n  return 0\n"),
     "builtins_patched": "import builtins\nbuiltins.isinstance = lambda *a: True\n"
                         "builtins.type = lambda *a: int\n" + WRONG,
+    "results_file_swapped_for_fifo": (
+        "import os\ndef add(a, b):\n  os.unlink('call_results.jsonl')\n"
+        "  os.mkfifo('call_results.jsonl')\n  return 0\n"),
     "sys_exit_in_call": "import sys\ndef add(a, b):\n  sys.exit(0)\n",
     "os_exit_in_call": "import os\ndef add(a, b):\n  os._exit(0)\n",
 }
@@ -280,6 +284,9 @@ STDIO_HACKS = {
         "  open(f'/proc/{os.getppid()}/mem', 'rb').read(1)\n  print(a + b)\n"
         "except OSError:\n  print(0)\n"),
     "os_exit_0": "import os\nos._exit(0)\n",
+    "stdout_swapped_for_symlink": (
+        "import os\nprint(0, flush=True)\nos.unlink('stdout.txt')\n"
+        "os.symlink('/proc/self/cmdline', 'stdout.txt')\n"),
 }
 
 

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import signal
+import stat
 import sys
 import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -112,13 +113,43 @@ def _run_case_process(code: Any, input_path: str, output_path: str) -> None:
       exit_now(exit_code)
 
 
-def _read_text(path: str) -> str:
-  """Reads a file written by a program process ("" if it wrote none)."""
+def _read_text(path: str, limit: int = 64 << 20) -> str:
+  """Reads a file written by a program process ("" if it left none).
+
+  Never follows a symlink and reads only a regular file, at most `limit` bytes: the
+  program may have replaced the file with a link, a FIFO or a device.
+  """
   try:
-    with open(path, "rb") as f:
-      return f.read().decode("utf-8", "replace")
-  except FileNotFoundError:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+  except OSError:
     return ""
+  try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      return ""
+    chunks, size = [], 0
+    while size < limit:
+      chunk = os.read(fd, min(1 << 20, limit - size))
+      if not chunk:
+        break
+      chunks.append(chunk)
+      size += len(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+  finally:
+    os.close(fd)
+
+
+def _write_fresh(path: str, data: bytes) -> None:
+  """Writes `data` to a new file at `path`, whatever a program left there."""
+  try:
+    os.unlink(path)
+  except FileNotFoundError:
+    pass
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+  try:
+    while data:
+      data = data[os.write(fd, data):]
+  finally:
+    os.close(fd)
 
 
 def _judge_stdio_case(index: int, status: int, got: str, expected: str,
@@ -156,8 +187,7 @@ def run_stdio(program: str, cases: Sequence[List[str]], result_fd: int,
   inputs = [case[0] for case in cases]
   input_path, output_path = os.path.abspath("stdin.txt"), os.path.abspath("stdout.txt")
   for index in range(len(inputs)):
-    with open(input_path, "wb") as f:
-      f.write(inputs[index].encode("utf-8"))
+    _write_fresh(input_path, inputs[index].encode("utf-8"))
     pid = os.fork()
     if pid == 0:
       _enter_program_process(expected, result_fd)
@@ -249,7 +279,7 @@ def _read_call_records(path: str) -> Tuple[bool, Optional[List[Any]], Dict[int, 
   for line in _read_text(path).splitlines():
     try:
       fields = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
       continue
     if type(fields) is not list or not fields:
       continue

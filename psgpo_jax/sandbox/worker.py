@@ -31,8 +31,7 @@ from psgpo_jax.sandbox.confine import (PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG,
                                        count_user_tasks, kill_leftovers, prctl,
                                        remove_tree, sandbox_environment,
                                        setup_isolation)
-from psgpo_jax.sandbox.protocol import (encode_message, read_message,  # pylint: disable=unused-import
-                                        write_message)
+from psgpo_jax.sandbox.protocol import encode_message, read_message, write_message
 
 RESULT_FD = 3                     # where the harness writes results in the child
 MAX_RESULT_BYTES = 4 << 20        # result-line flood guard
