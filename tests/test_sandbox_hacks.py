@@ -8,6 +8,7 @@ monitors. All programs of a kind run in one parallel batch (module fixtures).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -430,6 +431,12 @@ def test_static_hack_flags(program):
   flags = hack_flags(program)
   assert list(flags) == list(HACK_KINDS)
   assert {k for k, v in flags.items() if v} == STATIC_CASES[program], program
+
+
+def test_result_with_hacks_round_trips_through_json():
+  result = Result(False, "failed", 1, 2, "test 1: ...", 0.5, ("exits_early",))
+  again = Result(**json.loads(json.dumps(dataclasses.asdict(result))))
+  assert again == result and hash(again) == hash(result)
 
 
 def test_hack_report_merges_runtime_flags():

@@ -77,7 +77,8 @@ class Result:
 
   `hacks` lists the `HACK_KINDS` the run-time monitors saw (assert-style tests only:
   call-based and stdio tests are judged out of the program's reach), sorted; it is
-  a tuple of strings, so a Result stays plain, hashable, JSON-ready data.
+  a tuple of strings, so a Result stays plain, hashable, JSON-ready data
+  (`Result(**json.loads(json.dumps(dataclasses.asdict(r)))) == r`).
   """
   passed: bool
   status: str                   # one of STATUSES
@@ -86,6 +87,10 @@ class Result:
   detail: str = ""              # first error line, truncated
   seconds: float = 0.0
   hacks: Tuple[str, ...] = ()   # run-time hack monitor flags (see HACK_KINDS)
+
+  def __post_init__(self):
+    # Read back from JSON, `hacks` is a list: keep Results equal and hashable.
+    object.__setattr__(self, "hacks", tuple(self.hacks))
 
   @property
   def pass_fraction(self) -> float:
