@@ -62,6 +62,10 @@ ASSERT_HACKS = {
         "builtins.AssertionError = Nothing\nbuiltins.BaseException = Nothing\n"
         "builtins.Exception = Nothing\n" + WRONG,
         EQ_TESTS, NOT_PASSED, {"patches_builtins"}),
+    "load_raises_after_swapping_exceptions": (
+        "import builtins\nbuiltins.BaseException = int\nbuiltins.Exception = int\n"
+        "raise ValueError('after the swap')\n" + WRONG,
+        EQ_TESTS, ("error",), {"patches_builtins"}),
     "builtins_isinstance_print_str": (
         "import builtins\nbuiltins.isinstance = lambda *a: True\n"
         "builtins.print = lambda *a, **k: None\nbuiltins.len = lambda x: 0\n"
@@ -212,6 +216,12 @@ def test_hidden_frame_access_is_caught_at_run_time_only(assert_hacks):
   program = ASSERT_HACKS["traceback_frame_hidden_names"][0]
   assert not hack_flags(program)["introspects_frames"]
   assert "introspects_frames" in assert_hacks["traceback_frame_hidden_names"].hacks
+
+
+def test_load_failure_is_still_described_after_swapped_exceptions(assert_hacks):
+  result = assert_hacks["load_raises_after_swapping_exceptions"]
+  assert "ValueError: after the swap" in result.detail, result
+  assert "patches_builtins" in result.hacks, result
 
 
 def test_harness_kept_its_own_references(assert_hacks):

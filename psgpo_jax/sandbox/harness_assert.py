@@ -83,16 +83,20 @@ def program_module() -> Dict[str, Any]:
   return module.__dict__
 
 
-def _load(program: str, setup: str, namespace: Dict[str, Any],
-          sources: Dict[str, str]) -> Optional[BaseException]:
-  """Runs `setup` then `program` in `namespace`; returns the exception, if any."""
+def _load(program: str, setup: str, namespace: Dict[str, Any], sources: Dict[str, str],
+          catch: type) -> Optional[BaseException]:
+  """Runs `setup` then `program` in `namespace`; returns the exception, if any.
+
+  `catch` is BaseException as taken before the program ran (it may replace the
+  builtin before raising).
+  """
   try:
     for name, source in (("<setup>", setup), ("<program>", program)):
       if source:
         sources[name] = source
         exec(compile(source, name, "exec"), namespace)  # pylint: disable=exec-used
     return None
-  except BaseException as exc:  # pylint: disable=broad-except
+  except catch as exc:  # pylint: disable=broad-except
     return exc
 
 
@@ -136,12 +140,13 @@ def run_assert(program: str, tests: Sequence[str], setup: str,
       hack("patches_builtins", "__builtins__ replaced")
 
   def early_exit(exc: BaseException) -> None:
+    """Reports SystemExit, KeyboardInterrupt and other non-Exception raises."""
     if not is_instance(exc, plain_exception):
       hack("exits_early", f"{exact_type(exc).__name__} raised")
 
   namespace = program_module()
   sources: Dict[str, str] = {}
-  failure = _load(program, setup, namespace, sources)
+  failure = _load(program, setup, namespace, sources, base_exception)
   guard()
   if failure is not None:
     early_exit(failure)
