@@ -15,8 +15,8 @@ import time
 import pytest
 
 from psgpo_jax.sandbox import (AssertTests, CallTests, Limits, Sandbox, StdioTests,
-                               run_many, run_tests, shutdown_default_sandbox)
-from psgpo_jax.sandbox import worker as worker_lib
+                               hack_report, run_many, run_tests, shutdown_default_sandbox)
+from psgpo_jax.sandbox import confine
 
 LIMITS = Limits(timeout_s=2.0, cpu_s=2.0, memory_mb=512, file_size_mb=4,
                 max_processes=16, output_bytes=1 << 16)
@@ -219,7 +219,7 @@ def test_isolation_report(iso):
   assert {"pid_namespace", "network_namespace", "uid_drop", "notes"} <= set(iso)
   if os.geteuid() == 0 and iso["mount_namespace"]:
     # As root with a mount namespace, the uid drop must always be possible.
-    assert iso["uid_drop"] and iso["uid"] >= worker_lib.UID_BASE, iso
+    assert iso["uid_drop"] and iso["uid"] >= confine.UID_BASE, iso
 
 
 # ---------------------------------------------------------------- correctness
@@ -244,6 +244,10 @@ def test_humaneval_canonical_solutions_pass(sandbox):
   assert failures == []
   assert all(r.status == "passed" and r.tests_passed == r.tests_total == 1
              for r in results)
+  # No false alarms from the hack monitors on honest code, static or at run time.
+  flagged = [(p["task_id"], hack_report(program, r, tests))
+             for p, (program, tests), r in zip(problems, jobs, results)]
+  assert [(t, f) for t, f in flagged if any(f.values())] == []
 
 
 def test_humaneval_wrong_solutions_fail(sandbox):

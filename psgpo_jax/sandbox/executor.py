@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from psgpo_jax.sandbox import worker as worker_lib
+from psgpo_jax.sandbox import protocol, worker as worker_lib
 from psgpo_jax.sandbox.spec import (AssertTests, CallTests, Limits, Result, StdioTests,
                                     TestSpec)
 
@@ -114,7 +114,7 @@ class _WorkerProcess:
 
   def send(self, message: Dict[str, Any]) -> None:
     """Writes one message; raises BrokenPipeError if the worker is gone."""
-    data = memoryview(worker_lib.encode_message(message))
+    data = memoryview(protocol.encode_message(message))
     while data:
       data = data[os.write(self.in_fd, data):]
 
@@ -327,7 +327,8 @@ class Sandbox:
           w.inflight.remove(key)
           results[key] = Result(message["passed"], message["status"],
                                 message["tests_passed"], message["tests_total"],
-                                message["detail"], message["seconds"])
+                                message["detail"], message["seconds"],
+                                tuple(message.get("hacks", ())))
           self.stats["runs"] += 1
           w.busy_since = now
           if bar is not None:

@@ -10,6 +10,11 @@ from typing import Optional, Tuple, Union
 
 STATUSES = ("passed", "failed", "timeout", "error", "oom", "killed", "output_limit")
 
+# What the hack monitors look for (static: `hacks.hack_flags`; at run time, for
+# assert-style tests: `Result.hacks`). docs/sandbox.md says what each one covers.
+HACK_KINDS = ("introspects_frames", "patches_builtins", "patches_modules",
+              "overrides_comparison", "exits_early")
+
 
 @dataclasses.dataclass(frozen=True)
 class AssertTests:
@@ -68,13 +73,24 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-  """The outcome of one program against its tests."""
+  """The outcome of one program against its tests.
+
+  `hacks` lists the `HACK_KINDS` the run-time monitors saw (assert-style tests only:
+  call-based and stdio tests are judged out of the program's reach), sorted; it is
+  a tuple of strings, so a Result stays plain, hashable, JSON-ready data
+  (`Result(**json.loads(json.dumps(dataclasses.asdict(r)))) == r`).
+  """
   passed: bool
   status: str                   # one of STATUSES
   tests_passed: int
   tests_total: int
   detail: str = ""              # first error line, truncated
   seconds: float = 0.0
+  hacks: Tuple[str, ...] = ()   # run-time hack monitor flags (see HACK_KINDS)
+
+  def __post_init__(self):
+    # Read back from JSON, `hacks` is a list: keep Results equal and hashable.
+    object.__setattr__(self, "hacks", tuple(self.hacks))
 
   @property
   def pass_fraction(self) -> float:
