@@ -162,6 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.reward.adaptive_kl = False
   c.rl.reward.kl_target = 0.05
   c.rl.reward.kl_horizon = 1000
+  c.rl.reward.hack_penalty = 0.0       # off the outcome of responses the hack monitors flag
 
   # --- evaluation ----------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

@@ -6,12 +6,12 @@ evaluation (pass@k). Sampling runs on the device, testing in the host sandbox.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import jax
 import numpy as np
 
-from psgpo_jax.sandbox import Result
+from psgpo_jax.sandbox import Result, hack_report
 
 
 def encode(tokenizer: Any, text: str) -> List[int]:
@@ -35,6 +35,7 @@ class Rollouts:
     texts: N decoded responses (cut at stop strings, EOS excluded).
     finish_reason: N strings: "eos" | "stop" | "length".
     results: N sandbox `Result`s of `problem.program(text)`.
+    hack_flags: N `{kind: bool}` reward-hack monitors (`sandbox.hack_report`).
   """
   problem_index: np.ndarray
   prompt_ids: List[List[int]]
@@ -43,6 +44,7 @@ class Rollouts:
   texts: List[str]
   finish_reason: List[str]
   results: List[Result]
+  hack_flags: List[Dict[str, bool]] = dataclasses.field(default_factory=list)
 
   @property
   def passed(self) -> np.ndarray:
@@ -77,9 +79,12 @@ def sample_and_test(params: Any, sampler, problems: Sequence[Any],
   index = np.asarray(out.prompt_index)
   jobs = [(problems[i].program(text), problems[i].tests) for i, text in zip(index, out.texts)]
   results = sandbox.run_many(jobs, progress=show_progress)
+  hack_flags = [hack_report(program, result, tests)
+                for (program, tests), result in zip(jobs, results)]
   return Rollouts(
       problem_index=index,
       prompt_ids=[list(prompt_ids[i]) for i in index],
       response_ids=[out.tokens[r, :out.lengths[r]].tolist() for r in range(len(index))],
       logprobs=[out.logprobs[r, :out.lengths[r]] for r in range(len(index))],
-      texts=list(out.texts), finish_reason=list(out.finish_reason), results=list(results))
+      texts=list(out.texts), finish_reason=list(out.finish_reason), results=list(results),
+      hack_flags=hack_flags)

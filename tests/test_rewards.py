@@ -294,3 +294,18 @@ def test_configs_build_from_the_base_config():
   ppo_config = PPOConfig.from_config(config.rl, temperature=config.sampling.temperature)
   assert ppo_config.ppo_epochs == config.rl.ppo_epochs
   assert ppo_config.value_clip_eps == config.rl.value_clip_eps
+
+
+def test_hack_penalty_comes_off_the_outcome_of_flagged_responses():
+  mask = np.zeros((3, 6), np.int32)
+  mask[:, 2:5] = 1
+  passed = np.array([True, True, False])
+  hacked = np.array([True, False, True])
+  cfg = R.RewardConfig(hack_penalty=0.5, kl_coef=0.0)
+  out, _ = R.token_rewards(cfg, passed=passed, response_mask=mask, hacked=hacked)
+  out = np.asarray(out)
+  np.testing.assert_allclose(out[:, 4], [0.5, 1.0, -0.5])   # at each row's last token
+  assert np.all(out[:, :4] == 0) and np.all(out[:, 5] == 0)
+  unpenalised, _ = R.token_rewards(R.RewardConfig(kl_coef=0.0), passed=passed,
+                                   response_mask=mask, hacked=hacked)
+  np.testing.assert_allclose(np.asarray(unpenalised)[:, 4], [1.0, 1.0, 0.0])

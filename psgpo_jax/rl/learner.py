@@ -83,7 +83,7 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
         line_end_mask=batch["line_end_mask"], trivial_line_mask=batch["trivial_line_mask"],
         prm_scores=batch.get("prm_scores"), logprobs=batch["old_logprobs"],
         ref_logprobs=batch["ref_logprobs"], pass_fraction=batch["pass_fraction"],
-        kl_coef=kl_coef)
+        kl_coef=kl_coef, hacked=batch.get("hacked"))
     adv, ret = advantages_lib.estimate_advantages(
         estimator, token_rewards, batch["values"], batch["response_mask"], group_size, gamma,
         lam)

@@ -71,6 +71,8 @@ class RewardConfig:
     adaptive_kl: adapt kl_coef towards kl_target (Ziegler et al. 2019).
     kl_target: target of the mean per-token KL for the adaptive controller.
     kl_horizon: horizon (in samples) of the adaptive controller.
+    hack_penalty: subtracted from the outcome reward of a response the sandbox's hack
+      monitors flag (`sandbox.hack_report`; 0 = monitor only).
   """
   outcome: str = "binary"
   pass_reward: float = 1.0
@@ -88,6 +90,7 @@ class RewardConfig:
   adaptive_kl: bool = False
   kl_target: float = 0.05
   kl_horizon: int = 1000
+  hack_penalty: float = 0.0
 
   def __post_init__(self):
     for name, choices in (("outcome", OUTCOMES), ("credit", CREDITS), ("shaping", SHAPINGS),
@@ -335,7 +338,8 @@ def token_rewards(config: RewardConfig, *, passed: Array, response_mask: Array,
                   logprobs: Optional[Array] = None,
                   ref_logprobs: Optional[Array] = None,
                   pass_fraction: Optional[Array] = None,
-                  kl_coef: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
+                  kl_coef: Optional[Array] = None,
+                  hacked: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
   """Per-token rewards = outcome + dense PRM - kl_coef * KL, and monitors.
 
   Args:
@@ -350,6 +354,8 @@ def token_rewards(config: RewardConfig, *, passed: Array, response_mask: Array,
     pass_fraction: [B] share of tests passed (outcome="fraction").
     kl_coef: scalar (may be traced, e.g. from an adaptive controller); default
       `config.kl_coef`.
+    hacked: [B] bool, flagged by the hack monitors: `hack_penalty` comes off their
+      outcome reward.
   Returns:
     rewards [B, T] float32 (0 outside the response), and a dict of scalar monitors:
       pass_rate, response_length, lines_per_response, counted_lines_per_response,
@@ -367,6 +373,9 @@ def token_rewards(config: RewardConfig, *, passed: Array, response_mask: Array,
   zeros = jnp.zeros(response.shape, jnp.float32)
 
   outcome = outcome_rewards(passed, response, config, pass_fraction)
+  if hacked is not None and config.hack_penalty:
+    penalty = jnp.float32(config.hack_penalty) * jnp.asarray(hacked).astype(jnp.float32)
+    outcome = outcome - jnp.where(last_token_mask(response), penalty[:, None], 0.0)
   rewards = outcome
   stats = {
       "pass_rate": jnp.mean(passed_f),

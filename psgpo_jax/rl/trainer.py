@@ -36,10 +36,9 @@ from psgpo_jax.rl.learner import (init_value_params, make_advantage_fn, make_sco
                                   make_update, rules_key)
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler, SamplingConfig
+from psgpo_jax.sandbox import HACK_KINDS, any_hack
 
 Array = jax.Array
-ROLLOUT_KEYS = ("tokens", "attention_mask", "response_mask", "line_end_mask",
-                "trivial_line_mask")
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +80,8 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   batch["trivial_line_mask"] = lines["trivial_line_mask"]
   batch["passed"] = rollouts.passed.astype(np.float32)
   batch["pass_fraction"] = rollouts.pass_fraction
+  batch["hacked"] = np.array([any_hack(f) for f in rollouts.hack_flags] or
+                             np.zeros(len(rollouts)), np.float32)
   if line_labels is not None:
     scores = np.zeros(lines["line_index"].shape, np.float32)
     for row, row_spans in enumerate(spans):
@@ -142,6 +143,16 @@ def local_problem_order(num_problems: int, step: int, per_step: int, seed: int,
   share = per_step // process_count
   order = problem_order(num_problems, step, per_step, seed)
   return order[process_index * share:(process_index + 1) * share]
+
+
+def hack_monitors(rollouts: Rollouts) -> Dict[str, float]:
+  """Share of this step's responses flagged by each hack monitor, and by any of them."""
+  flags = rollouts.hack_flags
+  out = {"rollout/hack_flags": float(np.mean([any_hack(f) for f in flags])) if flags else 0.0}
+  for kind in HACK_KINDS:
+    out[f"rollout/hack_flags/{kind}"] = (float(np.mean([bool(f.get(kind)) for f in flags]))
+                                         if flags else 0.0)
+  return out
 
 
 class RLTrainer:
@@ -334,7 +345,8 @@ class RLTrainer:
                     "rollout/finished_by_eos": float(np.mean(
                         [r == "eos" for r in rollouts.finish_reason])),
                     "rollout/timeouts": float(np.mean(
-                        [r.status == "timeout" for r in rollouts.results]))})
+                        [r.status == "timeout" for r in rollouts.results])),
+                    **hack_monitors(rollouts)})
     return metrics
 
   # ------------------------------------------------------------------------ the loop
