@@ -136,7 +136,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.lam = 0.95
   c.rl.whiten_advantages = True
   c.rl.advantage = "gae"               # gae (value model) | rloo | grpo (critic-free: group
-                                       # baseline over a prompt's samples, no value model)
+                                       # baseline over a prompt's samples, no value model) |
+                                       # reinforce (returns-to-go, no baseline)
   c.rl.dense_reward = True             # PRM line scores as dense rewards
   c.rl.dense_source = "prm"            # prm | oracle (synthetic suite: the exact +-1 line
                                        # labels in place of the PRM's scores; an upper bound)

@@ -22,7 +22,7 @@ CHOICES = {
     "collect.labeler": ("search", "oracle"),
     "prm.loss": ("mse", "bce"),
     "rl.value_init": ("prm", "policy", "random"),
-    "rl.advantage": ("gae", "rloo", "grpo"),
+    "rl.advantage": ("gae", "rloo", "grpo", "reinforce"),
     "rl.dense_source": ("prm", "oracle"),
     "rl.reward.outcome": ("binary", "fraction"),
     "rl.reward.credit": ("sum", "min"),

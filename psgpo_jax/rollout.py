@@ -6,6 +6,7 @@ evaluation (pass@k). Sampling runs on the device, testing in the host sandbox.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Dict, List, Sequence
 
 import jax
@@ -36,6 +37,7 @@ class Rollouts:
     finish_reason: N strings: "eos" | "stop" | "length".
     results: N sandbox `Result`s of `problem.program(text)`.
     hack_flags: N `{kind: bool}` reward-hack monitors (`sandbox.hack_report`).
+    seconds: wall time of the phases, {"sample": ..., "test": ...}.
   """
   problem_index: np.ndarray
   prompt_ids: List[List[int]]
@@ -45,6 +47,7 @@ class Rollouts:
   finish_reason: List[str]
   results: List[Result]
   hack_flags: List[Dict[str, bool]] = dataclasses.field(default_factory=list)
+  seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def passed(self) -> np.ndarray:
@@ -75,7 +78,9 @@ def sample_and_test(params: Any, sampler, problems: Sequence[Any],
   Returns:
     Rollouts with P * num_samples rows.
   """
+  start = time.time()
   out = sampler.generate(params, prompt_ids, rng)
+  sampled = time.time()
   index = np.asarray(out.prompt_index)
   jobs = [(problems[i].program(text), problems[i].tests) for i, text in zip(index, out.texts)]
   results = sandbox.run_many(jobs, progress=show_progress)
@@ -87,4 +92,5 @@ def sample_and_test(params: Any, sampler, problems: Sequence[Any],
       response_ids=[out.tokens[r, :out.lengths[r]].tolist() for r in range(len(index))],
       logprobs=[out.logprobs[r, :out.lengths[r]] for r in range(len(index))],
       texts=list(out.texts), finish_reason=list(out.finish_reason), results=list(results),
-      hack_flags=hack_flags)
+      hack_flags=hack_flags,
+      seconds={"sample": sampled - start, "test": time.time() - sampled})

@@ -102,3 +102,12 @@ def test_bad_groups_say_what_to_change():
     A.group_advantages(rewards[:1], mask[:1], 1, "rloo")
   with pytest.raises(ValueError, match="choose one of"):
     A.estimate_advantages("ppo", rewards, rewards, mask, 3, 1.0, 0.95)
+
+
+def test_reinforce_is_the_return_to_go_without_a_baseline():
+  rewards, mask = ragged_batch()
+  adv, ret = A.estimate_advantages("reinforce", rewards, jnp.zeros_like(rewards), mask,
+                                   group_size=4, gamma=1.0, lam=0.95)
+  _, want = reference(rewards, mask, 4, "rloo", 1.0)          # its returns-to-go
+  np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(adv), np.asarray(ret))

@@ -21,8 +21,12 @@ returns differ only by the KL penalty and dense rewards (hundredths), and dividi
 std would turn those differences into advantages as large as a real success's. With the
 floor they stay that small. (Without KL and dense rewards such a group has A = 0.)
 
+  reinforce:  A_t = G_t                                    (no baseline, Williams 1992)
+
 With an outcome reward only (G_t = R_i for every t) these are the usual sequence-level
-estimators. Returns (what a value model would regress on) are G_t.
+estimators. Returns (what a value model would regress on) are G_t. With pass = 1 and
+fail = 0, `reinforce` learns from passing responses only (and, with dense rewards, from
+the lines the dense rewards credit): no failing response's tokens are pushed down.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 from psgpo_jax.rl.gae import gae
 
 Array = jax.Array
-ESTIMATORS = ("gae", "rloo", "grpo")
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce")
 GRPO_MIN_STD = 0.05     # in units of the outcome reward (pass - fail = 1 by default)
 
 
@@ -120,6 +124,9 @@ def estimate_advantages(estimator: str, rewards: Array, values: Array, mask: Arr
   """(advantages, returns) [B, T] by `estimator` ("gae" reads `values`; the others don't)."""
   if estimator == "gae":
     return gae(rewards, values, mask, gamma, lam)
+  if estimator == "reinforce":
+    to_go = returns_to_go(rewards, mask, gamma)
+    return to_go, to_go
   if estimator in ESTIMATORS:
     return group_advantages(rewards, mask, group_size, estimator, gamma)
   raise ValueError(f"rl.advantage={estimator!r}; choose one of {ESTIMATORS}.")

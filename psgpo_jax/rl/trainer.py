@@ -11,7 +11,12 @@ same workdir resumes from the last complete checkpoint.
 
 The trainer also serves the paper's "no PRM" arm and the `baseline` stage:
 `dense_reward=False` uses no PRM rewards, `value_init="policy"` starts the value model
-from the policy's backbone.
+from the policy's backbone. `rl.advantage` picks GAE (with the value model) or a
+critic-free estimator (RLOO / GRPO, `rl.advantages`: no value model is built or trained);
+`rl.dense_source = "oracle"` takes the dense line rewards from the synthetic suite's
+exact first-error oracle instead of the PRM (the upper bound of the method). Each step
+logs its phases' seconds (`time/sample_s`, `sandbox`, `pack`, `score`, `advantages`,
+`update`) and the sandbox's hack monitors (`rollout/hack_flags`).
 """
 from __future__ import annotations
 
@@ -323,13 +328,17 @@ class RLTrainer:
     host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
                          self._buckets(rollouts), labeler)
     batch = self._device_batch(host)
+    t_pack = time.time()
     params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"]}
     if self.critic:
       params["value"] = self.state["ppo"]["value"].params
     if self.prm_dense:
       params["prm"] = self.state["prm"]
-    batch.update(self.scorer(params, batch))
-    batch, reward_stats = self.advantage_fn(batch, self.state["kl_coef"])
+    batch.update(jax.block_until_ready(self.scorer(params, batch)))
+    t_score = time.time()
+    batch, reward_stats = jax.block_until_ready(
+        self.advantage_fn(batch, self.state["kl_coef"]))
+    t_advantages = time.time()
     if self.mesh is not None:     # rows split as the update's in_shardings (a no-op if so)
       batch = jax.device_put(batch, sharding.batch_sharding(self.mesh, self.rules))
     key = jax.random.fold_in(jax.random.fold_in(self.state["rng"], step), 1)
@@ -337,11 +346,17 @@ class RLTrainer:
     metrics = {**{f"reward/{k}": v for k, v in reward_stats.items()},
                **{f"ppo/{k}": v for k, v in update_metrics.items()}}
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    t_update = time.time()
     if self.reward_cfg.adaptive_kl:
       self.state["kl_coef"] = rewards.update_kl_coef(
           self.state["kl_coef"], metrics["reward/kl"], int(batch["tokens"].shape[0]),
           self.reward_cfg.kl_target, self.reward_cfg.kl_horizon)
     metrics.update({"time/rollout_s": t1 - t0, "time/step_s": time.time() - t0,
+                    "time/sample_s": rollouts.seconds.get("sample", 0.0),
+                    "time/sandbox_s": rollouts.seconds.get("test", 0.0),
+                    "time/pack_s": t_pack - t1, "time/score_s": t_score - t_pack,
+                    "time/advantages_s": t_advantages - t_score,
+                    "time/update_s": t_update - t_advantages,
                     "rollout/finished_by_eos": float(np.mean(
                         [r == "eos" for r in rollouts.finish_reason])),
                     "rollout/timeouts": float(np.mean(

@@ -1,0 +1,112 @@
+"""Seconds per RL step of the quickstart, by phase, against the previous quickstart step.
+
+Runs real RL steps (sample, sandbox, pack, score, advantages, PPO update) from a finished
+run's SFT policy and PRM (`--run_dir`, e.g. runs/quickstart after
+`python -m experiments.train --config configs/quickstart.py`), twice in the same process:
+
+  * ours:     the RL settings of configs/quickstart.py (read from the config file);
+  * baseline: the previous quickstart's RL step: PPO with a value model initialised from
+    the PRM, PRM dense rewards, 16 prompts x 4 samples, 2 epochs x 4 minibatches,
+    policy lr 1e-5.
+
+Each setting runs `--warmup` steps (compilation) and then `--steps` timed steps from the
+same initial policy; the table gives each phase's mean seconds. Response lengths follow
+the policies, so the two settings' steps do comparable but not identical work; both
+print their tokens per step.
+
+Usage: python benchmarks/bench_rl_step.py --run_dir runs/quickstart [--steps 8] [--warmup 2]
+The last line printed is one JSON object (ratio = ours / baseline seconds per step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np                                           # noqa: E402
+
+from experiments.common import load_config                   # noqa: E402
+
+PHASES = ("sample", "sandbox", "pack", "score", "advantages", "update")
+BASELINE = {"rl.advantage": "gae", "rl.value_init": "prm", "rl.dense_reward": True,
+            "rl.dense_source": "prm", "rl.prompts_per_step": 16, "rl.samples_per_prompt": 4,
+            "rl.ppo_epochs": 2, "rl.num_minibatches": 4, "rl.policy_lr": 1e-5,
+            "rl.whiten_advantages": True, "rl.reward.kl_coef": 0.05}
+
+
+def with_overrides(config, overrides):
+  """A copy of `config` with dotted-path fields replaced."""
+  config = config.copy_and_resolve_references()
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def time_setting(config, run_dir: str, steps: int, warmup: int):
+  """Per-phase mean seconds and response tokens per step of `steps` timed RL steps."""
+  from psgpo_jax import pipeline, stages  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rl.trainer import RLTrainer  # pylint: disable=import-outside-toplevel
+  config.workdir = run_dir
+  ctx = pipeline.RunContext(config)
+  try:
+    rl = config.rl
+    needs_prm = rl.dense_reward or (rl.advantage == "gae" and rl.value_init == "prm")
+    prm = stages.load_prm(ctx) if needs_prm else None
+    with tempfile.TemporaryDirectory() as tmp:
+      trainer = RLTrainer(config, stages._rl_setup(ctx, evaluate=False), tmp,   # pylint: disable=protected-access
+                          stages.sft_policy(ctx), prm, steps=warmup + steps,
+                          dense_reward=rl.dense_reward, value_init=rl.value_init)
+      rows = [trainer.train_step(s) for s in range(warmup + steps)][warmup:]
+      trainer.close()
+  finally:
+    ctx.close()
+  out = {p: float(np.mean([r[f"time/{p}_s"] for r in rows])) for p in PHASES}
+  out["step"] = float(np.mean([r["time/step_s"] for r in rows]))
+  out["host"] = out["step"] - sum(out[p] for p in PHASES)
+  out["tokens"] = float(np.mean([r["reward/response_length"] for r in rows]))
+  out["rollouts"] = int(rl.prompts_per_step * rl.samples_per_prompt)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--run_dir", default="runs/quickstart")
+  parser.add_argument("--config", default="configs/quickstart.py")
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--warmup", type=int, default=2)
+  args = parser.parse_args()
+  run_dir = os.path.abspath(args.run_dir)
+  for part in ("sft/policy", "prm/model", "tokenizer"):
+    if not os.path.isdir(os.path.join(run_dir, part)):
+      sys.exit(f"{run_dir}/{part} is missing: run `python -m experiments.train --config "
+               f"{args.config} --config.workdir={args.run_dir}` first (stages sft, collect, "
+               f"prm at least).")
+  base = load_config(args.config)
+  base.logging.progress = False
+  results = {"ours": time_setting(base, run_dir, args.steps, args.warmup),
+             "baseline": time_setting(with_overrides(base, BASELINE), run_dir, args.steps,
+                                      args.warmup)}
+  print(f"{'setting':<10}" + "".join(f"{p:>12}" for p in PHASES + ("host", "step"))
+        + f"{'rollouts':>10}{'tokens/resp':>12}")
+  for name, r in results.items():
+    print(f"{name:<10}" + "".join(f"{r[p]:>12.3f}" for p in PHASES + ("host", "step"))
+          + f"{r['rollouts']:>10}{r['tokens']:>12.1f}")
+  ours, baseline = results["ours"]["step"], results["baseline"]["step"]
+  print(json.dumps({"benchmark": "rl_step", "metric": "seconds per RL step (quickstart)",
+                    "ours": round(ours, 3), "baseline": round(baseline, 3),
+                    "ratio": round(ours / baseline, 3),
+                    "phases": {k: {p: round(v[p], 3) for p in PHASES + ("host",)}
+                               for k, v in results.items()},
+                    "steps": args.steps}))
+
+
+if __name__ == "__main__":
+  main()
