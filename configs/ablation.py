@@ -5,6 +5,8 @@ and the same PRM: `--config configs/ablation.py:<arm>` with arm one of
   dense  + PRM line scores as dense rewards
   value  + value model initialised from the PRM (no dense rewards)
   both   + both (PSGPO)
+  oracle dense rewards from the synthetic suite's exact first-error oracle instead of the
+         PRM (value from the policy): the upper bound of what line rewards can add
 
 `python -m experiments.ablation --config configs/ablation.py` runs them all (several
 seeds, the safeguard variants) from one shared SFT policy and PRM, and writes
@@ -12,8 +14,16 @@ docs/results.md. `configs/ablation.py:tiny` is the quickstart's tiny variant (te
 """
 from configs import quickstart
 
-ARMS = {"none": (False, "policy"), "dense": (True, "policy"), "value": (False, "prm"),
-        "both": (True, "prm")}
+# (rl.dense_reward, rl.value_init, rl.dense_source) of each arm.
+ARMS = {"none": (False, "policy", "prm"), "dense": (True, "policy", "prm"),
+        "value": (False, "prm", "prm"), "both": (True, "prm", "prm"),
+        "oracle": (True, "policy", "oracle")}
+
+
+def apply_arm(config, arm: str):
+  """Sets the arm's switches in `config` (in place) and returns it."""
+  config.rl.dense_reward, config.rl.value_init, config.rl.dense_source = ARMS[arm]
+  return config
 
 
 def get_config(arm: str = "both"):
@@ -26,5 +36,4 @@ def get_config(arm: str = "both"):
     raise ValueError(f"Unknown ablation arm {arm!r}; choose one of {sorted(ARMS)}.")
   c = quickstart.get_config(size)
   c.workdir = f"runs/ablation_{arm}"
-  c.rl.dense_reward, c.rl.value_init = ARMS[arm]
-  return c
+  return apply_arm(c, arm)

@@ -29,7 +29,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from configs.ablation import ARMS  # pylint: disable=g-import-not-at-top
+from configs.ablation import ARMS, apply_arm  # pylint: disable=g-import-not-at-top
 from experiments import common  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
@@ -47,7 +47,7 @@ SHARED_STAGES = ("sft", "collect", "prm")
 VARIANTS = {"no_length_norm": {"normalize_by_lines": False},
             "min_credit": {"credit": "min"}}
 LABELS = {"none": "no PRM", "dense": "dense reward only", "value": "value init only",
-          "both": "both (PSGPO)", "no_length_norm": "both, no length normalisation",
+          "both": "both (PSGPO)", "oracle": "oracle dense reward", "no_length_norm": "both, no length normalisation",
           "min_credit": "both, min-form credit"}
 
 
@@ -72,7 +72,7 @@ def setting_config(base, setting: str, seed: int, workdir: str):
   """The pipeline config of one RL run: `base` with the setting's switches and seed."""
   config = base.copy_and_resolve_references()
   arm = setting if setting in ARMS else "both"
-  config.rl.dense_reward, config.rl.value_init = ARMS[arm]
+  apply_arm(config, arm)
   for field, value in VARIANTS.get(setting, {}).items():
     setattr(config.rl.reward, field, value)
   config.rl.seed = seed

@@ -338,6 +338,31 @@ def correct_by_task(samples: Iterable[Mapping[str, Any]]) -> List[np.ndarray]:
   return [np.asarray(v) for v in by_task.values()]
 
 
+def paired_pass_gain(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str, Any]]
+                     ) -> Dict[str, float]:
+  """pass@1 of `after` minus `before` on the same tasks, with its standard error.
+
+  Each task's pass@1 is the share of its samples that passed; the gain is the mean over
+  tasks of the per-task differences, and its standard error the standard deviation of
+  those differences over sqrt(number of tasks) (paired: task difficulty cancels).
+
+  Returns:
+    {"gain": mean difference, "se": standard error, "tasks": number of shared tasks}.
+  """
+  def rates(samples):
+    by_task: Dict[str, List[bool]] = collections.OrderedDict()
+    for s in samples:
+      by_task.setdefault(s["task_id"], []).append(bool(s["passed"]))
+    return {k: float(np.mean(v)) for k, v in by_task.items()}
+  rb, ra = rates(before), rates(after)
+  tasks = [t for t in rb if t in ra]
+  if not tasks:
+    raise ValueError("paired_pass_gain: the two sample sets share no task_id.")
+  diff = np.array([ra[t] - rb[t] for t in tasks])
+  se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+  return {"gain": float(diff.mean()), "se": se, "tasks": len(tasks)}
+
+
 def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Sequence[Any],
                     sandbox: Any, sampling_config: Any, seed: int,
                     show_progress: bool = True, rows_per_call: int = 256,

@@ -384,12 +384,14 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
       if name == "rl":
         break
   report: Dict[str, Any] = {}
+  samples: Dict[str, Any] = {}
   for label, params in policies.items():
     out = evaluate_policy(ctx, params, problems, config.eval.num_samples,
                           config.eval.temperature, config.seed + 17,
                           show_progress=config.logging.progress)
+    samples[label] = out.pop("samples")
     evaluation.write_samples_jsonl(os.path.join(out_dir, f"samples_{label}.jsonl"),
-                                   out.pop("samples"))
+                                   samples[label])
     out["greedy_pass@1"] = _greedy_pass_rate(ctx, params, problems, config.seed)
     report[label] = out
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
@@ -405,6 +407,9 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
       if key.startswith("pass@"):
         result[f"{label}.{key}"] = value
     result[f"{label}.greedy_pass@1"] = out["greedy_pass@1"]
+  if "after" in samples:      # RL's gain on the same problems, with a paired standard error
+    gain = evaluation.paired_pass_gain(samples["before"], samples["after"])
+    result["gain.pass@1"], result["gain.pass@1_se"] = gain["gain"], gain["se"]
   return result
 
 

@@ -16,6 +16,7 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")
                       if not p.endswith("__init__.py"))
 VARIANTS = [os.path.join(ROOT, "configs", v) for v in (
     "quickstart.py:tiny", "ablation.py:none", "ablation.py:dense", "ablation.py:value",
+    "ablation.py:oracle",
     "qwen25_coder.py:1.5b", "qwen25_coder.py:7b", "qwen25_coder.py:toy")]
 
 

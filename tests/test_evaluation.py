@@ -155,3 +155,17 @@ def test_plots_are_written(tmp_path):
   with open(path, "rb") as f:
     assert len(f.read()) > 5000
   assert json.dumps(curves)        # curves are plain data, loggable as JSON
+
+
+def test_paired_pass_gain_is_the_mean_per_task_difference_with_its_standard_error():
+  before = [{"task_id": t, "passed": p} for t, ps in
+            (("a", [1, 0, 0, 0]), ("b", [0, 0, 0, 0]), ("c", [1, 1, 0, 0])) for p in ps]
+  after = [{"task_id": t, "passed": p} for t, ps in
+           (("a", [1, 1, 0, 0]), ("b", [1, 0, 0, 0]), ("c", [1, 1, 0, 0])) for p in ps]
+  out = E.paired_pass_gain(before, after)
+  diffs = np.array([0.25, 0.25, 0.0])
+  assert out["tasks"] == 3
+  np.testing.assert_allclose(out["gain"], diffs.mean())
+  np.testing.assert_allclose(out["se"], diffs.std(ddof=1) / np.sqrt(3))
+  with pytest.raises(ValueError, match="share no task_id"):
+    E.paired_pass_gain(before, [{"task_id": "z", "passed": True}])
