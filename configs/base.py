@@ -128,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.value_lr = 1e-4
   c.rl.grad_clip = 1.0
   c.rl.adam_eps = 1e-8                 # Adam's epsilon for policy and value
+  c.rl.warmup_steps = 0                # RL steps of linear learning-rate warm-up
   c.rl.clip_eps = 0.2                  # policy ratio clipping
   c.rl.value_clip_eps = 0.2
   c.rl.vf_coef = 0.5

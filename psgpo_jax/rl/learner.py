@@ -95,19 +95,23 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
 @functools.lru_cache(maxsize=16)
 def make_update(model_cfg: ModelConfig, ppo_cfg: ppo.PPOConfig, policy_lr: float,
                 value_lr: float, grad_clip: float, mesh: Optional[Mesh] = None,
-                rules: RulesKey = None, adam_eps: float = 1e-8, critic: bool = True):
+                rules: RulesKey = None, adam_eps: float = 1e-8, critic: bool = True,
+                warmup_updates: int = 0):
   """(optimizers, the jitted PPO update, its state shardings), built once per setting.
 
   Trainers with the same setting (a resumed run, the ablation's arms) share the compiled
-  function. Learning rates are constant, as in the paper's PPO. Without a mesh the
+  function. Learning rates are constant, as in the paper's PPO, after an optional linear
+  warm-up over `warmup_updates` optimizer steps (a fresh Adam's first steps are sign
+  steps of size lr for every parameter, whatever the gradient). Without a mesh the
   shardings are None and the update is a plain jit; with one, the PPO state
   ({'policy', 'value'} TrainStates; {'policy'} without a `critic`) is sharded as
   `train_step.state_shardings` says, batch rows are split over the `batch` mesh axes,
   and the state is donated. `rules` is a `rules_key` (hashable).
   """
   optimizers = {
-      "policy": train_step.make_optimizer(policy_lr, grad_clip=grad_clip, eps=adam_eps),
-      "value": train_step.make_optimizer(value_lr, grad_clip=grad_clip, eps=adam_eps)}
+      name: train_step.make_optimizer(lr, grad_clip=grad_clip, eps=adam_eps,
+                                      warmup_steps=warmup_updates)
+      for name, lr in (("policy", policy_lr), ("value", value_lr))}
   modules = {"policy": CausalLM(model_cfg), "value": ScalarModel(model_cfg)}
   if not critic:
     optimizers.pop("value")

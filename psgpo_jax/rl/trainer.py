@@ -207,7 +207,8 @@ class RLTrainer:
     key = rules_key(rules)
     self.optimizers, self.update, self.state_shardings = make_update(
         cfg, self.ppo_cfg, float(rl.policy_lr), float(rl.value_lr), float(rl.grad_clip),
-        mesh, key, float(rl.adam_eps), self.critic)
+        mesh, key, float(rl.adam_eps), self.critic,
+        int(rl.warmup_steps) * self.ppo_cfg.ppo_epochs * self.ppo_cfg.num_minibatches)
     rng = jax.random.PRNGKey(rl_seed(config))
     ppo_state = {"policy": train_step.TrainState.create(
         jax.tree_util.tree_map(jnp.array, policy_params), self.optimizers["policy"])}
