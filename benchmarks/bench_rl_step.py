@@ -4,10 +4,10 @@ Runs real RL steps (sample, sandbox, pack, score, advantages, PPO update) from a
 run's SFT policy and PRM (`--run_dir`, e.g. runs/quickstart after
 `python -m experiments.train --config configs/quickstart.py`), twice in the same process:
 
-  * ours:     the RL settings of configs/quickstart.py (read from the config file);
-  * baseline: the previous quickstart's RL step: PPO with a value model initialised from
-    the PRM, PRM dense rewards, 16 prompts x 4 samples, 2 epochs x 4 minibatches,
-    policy lr 1e-5.
+  * baseline: the quickstart's RL step as configured (configs/quickstart.py: PPO with GAE,
+    the value model initialised from the PRM, PRM dense rewards);
+  * ours:     the same step with a critic-free estimator (`--ours`, default
+    rl.advantage=rloo: the same token rewards, no value model to score or train).
 
 Each setting runs `--warmup` steps (compilation) and then `--steps` timed steps from the
 same initial policy; the table gives each phase's mean seconds. Response lengths follow
@@ -15,6 +15,7 @@ the policies, so the two settings' steps do comparable but not identical work; b
 print their tokens per step.
 
 Usage: python benchmarks/bench_rl_step.py --run_dir runs/quickstart [--steps 8] [--warmup 2]
+       [--ours rl.advantage=rloo,rl.ppo_epochs=1]
 The last line printed is one JSON object (ratio = ours / baseline seconds per step).
 """
 from __future__ import annotations
@@ -32,20 +33,20 @@ import numpy as np                                           # noqa: E402
 from experiments.common import load_config                   # noqa: E402
 
 PHASES = ("sample", "sandbox", "pack", "score", "advantages", "update")
-BASELINE = {"rl.advantage": "gae", "rl.value_init": "prm", "rl.dense_reward": True,
-            "rl.dense_source": "prm", "rl.prompts_per_step": 16, "rl.samples_per_prompt": 4,
-            "rl.ppo_epochs": 2, "rl.num_minibatches": 4, "rl.policy_lr": 1e-5,
-            "rl.whiten_advantages": True, "rl.reward.kl_coef": 0.05}
 
 
 def with_overrides(config, overrides):
-  """A copy of `config` with dotted-path fields replaced."""
+  """A copy of `config` with dotted-path fields replaced (string values are parsed as
+  the field's type)."""
   config = config.copy_and_resolve_references()
   for path, value in overrides.items():
     *parents, leaf = path.split(".")
     node = config
     for p in parents:
       node = node[p]
+    old = node[leaf]
+    if isinstance(value, str) and not isinstance(old, str):
+      value = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
     node[leaf] = value
   return config
 
@@ -82,7 +83,10 @@ def main() -> None:
   parser.add_argument("--config", default="configs/quickstart.py")
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--ours", default="rl.advantage=rloo",
+                      help="comma-separated field=value overrides of the config for 'ours'")
   args = parser.parse_args()
+  ours_overrides = dict(item.split("=", 1) for item in args.ours.split(",") if item)
   run_dir = os.path.abspath(args.run_dir)
   for part in ("sft/policy", "prm/model", "tokenizer"):
     if not os.path.isdir(os.path.join(run_dir, part)):
@@ -91,9 +95,9 @@ def main() -> None:
                f"prm at least).")
   base = load_config(args.config)
   base.logging.progress = False
-  results = {"ours": time_setting(base, run_dir, args.steps, args.warmup),
-             "baseline": time_setting(with_overrides(base, BASELINE), run_dir, args.steps,
-                                      args.warmup)}
+  results = {"ours": time_setting(with_overrides(base, ours_overrides), run_dir, args.steps,
+                                  args.warmup),
+             "baseline": time_setting(base, run_dir, args.steps, args.warmup)}
   print(f"{'setting':<10}" + "".join(f"{p:>12}" for p in PHASES + ("host", "step"))
         + f"{'rollouts':>10}{'tokens/resp':>12}")
   for name, r in results.items():
