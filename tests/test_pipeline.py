@@ -44,11 +44,16 @@ def test_run_directory_holds_logs_checkpoints_models_and_plots(tiny_run):
   workdir, _ = tiny_run
   assert glob.glob(os.path.join(workdir, "rl", "events.out.tfevents.*"))
   rows = [json.loads(l) for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
-  assert [r["step"] for r in rows] == [0, 1]
+  # Step -1: the learning curve's first point (the initial policy), then one row per step.
+  assert [r["step"] for r in rows] == [-1, 0, 1]
   for key in ("reward/pass_rate", "reward/lines_per_response", "reward/trivial_line_share",
-              "reward/prm_score_mean", "ppo/policy_loss"):
+              "reward/prm_score_mean", "ppo/policy_loss", "rollout/hack_flags",
+              "time/update_s"):
     assert key in rows[-1], key
-  assert "eval/greedy_pass@1" in rows[0]          # periodic held-out evaluation
+  assert "reward/pass_rate" not in rows[0]
+  # Held-out evaluation every rl.eval_every (= 1) updates, placed by the number of updates.
+  assert [r["eval/updates"] for r in rows] == [0, 1, 2]
+  assert all("eval/greedy_pass@1" in r for r in rows)
   assert sorted(os.listdir(os.path.join(workdir, "rl", "checkpoints"))) == ["1", "2"]
   for model in ("sft/policy", "prm/model", "rl/policy", "rl/value"):
     assert os.path.exists(os.path.join(workdir, model, "config.json")), model
