@@ -36,6 +36,7 @@ def evaluate(config) -> dict:
   """Runs the evaluation described by `config`; returns the report (without samples)."""
   from psgpo_jax import evaluation, pipeline, stages  # pylint: disable=import-outside-toplevel
   from psgpo_jax.configuration import validate_config  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.jsonio import write_json  # pylint: disable=import-outside-toplevel
   validate_config(config)
   ctx = pipeline.RunContext(config)
   try:
@@ -56,8 +57,7 @@ def evaluate(config) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   evaluation.write_samples_jsonl(os.path.join(out_dir, "samples.jsonl"), report.pop("samples"))
   report["checkpoint"] = checkpoint
-  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  write_json(os.path.join(out_dir, "report.json"), report)
   evaluation.plot_best_of_k({"policy": report["best_of_k"]},
                             os.path.join(out_dir, "best_of_k.png"))
   evaluation.plot_pass_by_length({"policy": report["by_lines"]},

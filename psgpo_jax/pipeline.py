@@ -15,6 +15,7 @@ import ml_collections
 
 from psgpo_jax import stages
 from psgpo_jax.configuration import stage_list, validate_config
+from psgpo_jax.jsonio import write_json
 
 STAGE_FNS = stages.STAGE_FNS
 
@@ -91,13 +92,8 @@ def _result_path(ctx: RunContext, name: str) -> str:
 
 
 def _write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file.
-
-  Keys keep their order (stages in run order)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, default=str)
-  os.replace(tmp, path)
+  """`jsonio.write_json`; keys keep their order (stages in run order)."""
+  write_json(path, value)
 
 
 def run(config: ml_collections.ConfigDict) -> Dict[str, Any]:

@@ -7,7 +7,6 @@ Models pass between stages as Hugging Face checkpoint directories:
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Dict, List, Optional
 
@@ -16,6 +15,7 @@ import ml_collections
 
 from psgpo_jax import evaluation, sharding
 from psgpo_jax.configuration import ConfigError, model_config
+from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
 
 STAGE_FNS: Dict[str, Callable[..., Dict[str, Any]]] = {}
@@ -394,8 +394,7 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                                    samples[label])
     out["greedy_pass@1"] = _greedy_pass_rate(ctx, params, problems, config.seed)
     report[label] = out
-  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  write_json(os.path.join(out_dir, "report.json"), report)
   evaluation.plot_best_of_k({k: v["best_of_k"] for k, v in report.items()},
                             os.path.join(out_dir, "best_of_k.png"))
   evaluation.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},

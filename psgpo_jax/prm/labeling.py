@@ -40,6 +40,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 import numpy as np
 
+from psgpo_jax.jsonio import write_json
 from psgpo_jax.lines import is_trivial_line, split_lines  # re-exported: callers use these names
 
 Row = Dict[str, Any]
@@ -612,10 +613,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _write_json(path: str, value: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  write_json(path, value, sort_keys=True)
 
 
 class CachedProbe:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
 import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -34,6 +32,7 @@ import numpy as np
 import optax
 
 from psgpo_jax import batching, train_step
+from psgpo_jax.jsonio import write_json
 from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
 from psgpo_jax.rollout import encode
 
@@ -615,16 +614,4 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
 
 
 def _write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically; NaN becomes null."""
-  def clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-      return None
-    if isinstance(v, dict):
-      return {k: clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-      return [clean(x) for x in v]
-    return v
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(clean(value), f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  write_json(path, value, sort_keys=True)
