@@ -269,7 +269,9 @@ def write_report(root: str, runs: Mapping[str, Sequence[Dict[str, Any]]], out_di
   shared = os.path.join(root, "shared")
   base_config = _read_json(os.path.join(shared, "config.json"))
   sft, collect = (_read_json(os.path.join(shared, s, "result.json")) for s in ("sft", "collect"))
-  prm = _read_json(os.path.join(shared, "prm", "result.json"))
+  # Run files write undefined metrics (e.g. AUROC of one class) as null: report them as nan.
+  prm = {k: float("nan") if v is None else v
+         for k, v in _read_json(os.path.join(shared, "prm", "result.json")).items()}
   agreement_path = os.path.join(shared, "collect", "agreement_by_k.json")
   agreement = _read_json(agreement_path) if os.path.exists(agreement_path) else {}
   any_run = next(iter(runs.values()))[0]
