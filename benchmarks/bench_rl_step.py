@@ -54,13 +54,13 @@ def with_overrides(config, overrides):
 def time_setting(config, run_dir: str, steps: int, warmup: int):
   """Per-phase mean seconds and response tokens per step of `steps` timed RL steps."""
   from psgpo_jax import pipeline, stages  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rl.advantages import rl_models  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.trainer import RLTrainer  # pylint: disable=import-outside-toplevel
   config.workdir = run_dir
   ctx = pipeline.RunContext(config)
   try:
     rl = config.rl
-    needs_prm = rl.dense_reward or (rl.advantage == "gae" and rl.value_init == "prm")
-    prm = stages.load_prm(ctx) if needs_prm else None
+    prm = stages.load_prm(ctx) if "prm" in rl_models(rl) else None
     with tempfile.TemporaryDirectory() as tmp:
       trainer = RLTrainer(config, stages._rl_setup(ctx, evaluate=False), tmp,   # pylint: disable=protected-access
                           stages.sft_policy(ctx), prm, steps=warmup + steps,

@@ -55,6 +55,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from psgpo_jax import sharding as sharding_lib
 from psgpo_jax import train_step
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel
+from psgpo_jax.rl.advantages import rl_models
 
 MODELS = ("policy", "value", "reference", "prm")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -398,16 +399,13 @@ def plan_from_config(config: Any, model_cfg: Optional[ModelConfig] = None,
   rl = config.rl
   rollouts = int(rl.prompts_per_step * rl.samples_per_prompt)
   seq_len = int(config.data.max_prompt_tokens + config.sampling.max_new_tokens)
-  critic = rl.get("advantage", "gae") == "gae"      # RLOO / GRPO: no value model
-  models = ["policy", "value", "reference"] if critic else ["policy", "reference"]
-  prm_dense = rl.dense_reward and rl.get("dense_source", "prm") == "prm"
-  if prm_dense or (critic and rl.value_init == "prm"):
-    models.append("prm")
+  models = rl_models(rl)
+  critic = "value" in models                        # RLOO / GRPO: no value model
   mesh = config.mesh
   rows = rollouts // (rl.num_minibatches * rl.get("micro_batches", 1))
   return plan_memory(model_cfg, tuple(mesh.shape), batch=max(1, rows),
                      seq_len=seq_len, rollout_batch=rollouts, max_len=seq_len,
-                     models=tuple(models),
+                     models=models,
                      trainable=("policy", "value") if critic else ("policy",),
                      remat=bool(config.model.remat),
                      device_bytes=device_bytes, rules=mesh.get("rules", None),

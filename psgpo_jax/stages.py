@@ -359,11 +359,9 @@ def load_prm(ctx) -> Optional[Any]:
 @stage("rl")
 def run_rl(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """PSGPO: PPO from the SFT policy with PRM dense rewards and/or PRM value init."""
-  critic = config.rl.advantage == "gae"        # RLOO / GRPO have no value model to init
-  needs_prm = ((config.rl.dense_reward and config.rl.dense_source == "prm")
-               or (critic and config.rl.value_init == "prm"))
+  from psgpo_jax.rl.advantages import rl_models  # pylint: disable=import-outside-toplevel
   prm_params = load_prm(ctx)
-  if needs_prm and prm_params is None:
+  if "prm" in rl_models(config.rl) and prm_params is None:
     _require(os.path.join(ctx.workdir, "prm", "model"), "The PRM", "prm")
   return _run_trainer(config, ctx, "rl", prm_params, config.rl.steps,
                       dense_reward=config.rl.dense_reward, value_init=config.rl.value_init)

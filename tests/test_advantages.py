@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -111,3 +112,19 @@ def test_reinforce_is_the_return_to_go_without_a_baseline():
   _, want = reference(rewards, mask, 4, "rloo", 1.0)          # its returns-to-go
   np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(adv), np.asarray(ret))
+
+
+@pytest.mark.parametrize("advantage,dense_reward,dense_source,value_init,expected", [
+    ("gae", True, "prm", "prm", ("policy", "value", "reference", "prm")),
+    ("gae", False, "prm", "policy", ("policy", "value", "reference")),
+    ("gae", True, "oracle", "prm", ("policy", "value", "reference", "prm")),
+    ("gae", True, "oracle", "policy", ("policy", "value", "reference")),
+    ("rloo", True, "prm", "prm", ("policy", "reference", "prm")),
+    ("grpo", False, "prm", "prm", ("policy", "reference")),      # no critic to initialise
+    ("rloo", True, "oracle", "prm", ("policy", "reference")),
+])
+def test_rl_models_say_when_a_trained_prm_is_needed(advantage, dense_reward, dense_source,
+                                                    value_init, expected):
+  rl = ml_collections.ConfigDict({"advantage": advantage, "dense_reward": dense_reward,
+                                  "dense_source": dense_source, "value_init": value_init})
+  assert A.rl_models(rl) == expected

@@ -30,7 +30,7 @@ the lines the dense rewards credit): no failing response's tokens are pushed dow
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,22 @@ from psgpo_jax.rl.gae import gae
 Array = jax.Array
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce")
 GRPO_MIN_STD = 0.05     # in units of the outcome reward (pass - fail = 1 by default)
+
+
+def rl_models(rl: Mapping[str, Any]) -> Tuple[str, ...]:
+  """The models an RL run of config section `rl` holds, in this order: the policy, the
+  value model (GAE only: the critic-free estimators have none), the frozen reference,
+  and the PRM (for PRM dense rewards, or to initialise GAE's value model).
+
+  The one home of the rule "this run needs a trained PRM" (`"prm" in rl_models(rl)`):
+  the RL stage, the memory planner and the RL-step benchmark read it here.
+  """
+  critic = rl.get("advantage", "gae") == "gae"
+  models = ["policy", "value", "reference"] if critic else ["policy", "reference"]
+  prm_dense = rl.dense_reward and rl.get("dense_source", "prm") == "prm"
+  if prm_dense or (critic and rl.value_init == "prm"):
+    models.append("prm")
+  return tuple(models)
 
 
 def returns_to_go(rewards: Array, mask: Array, gamma: float = 1.0) -> Array:

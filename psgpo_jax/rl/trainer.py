@@ -85,8 +85,8 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   batch["trivial_line_mask"] = lines["trivial_line_mask"]
   batch["passed"] = rollouts.passed.astype(np.float32)
   batch["pass_fraction"] = rollouts.pass_fraction
-  batch["hacked"] = np.array([any_hack(f) for f in rollouts.hack_flags] or
-                             np.zeros(len(rollouts)), np.float32)
+  flags = rollouts.hack_flags or [{}] * len(rollouts)     # none recorded: nothing flagged
+  batch["hacked"] = np.asarray([any_hack(f) for f in flags], np.float32)
   if line_labels is not None:
     scores = np.zeros(lines["line_index"].shape, np.float32)
     for row, row_spans in enumerate(spans):
@@ -294,19 +294,21 @@ class RLTrainer:
 
   # ------------------------------------------------------------------------ one step
 
+  def step_indices(self, step: int) -> np.ndarray:
+    """Indices (into `setup.train_problems`) of this process's share of the step's
+    problems (all of them on one process)."""
+    rl = self.config.rl
+    return local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
+                               rl_seed(self.config), self.process_index, self.process_count)
+
   def step_problems(self, step: int) -> List[Any]:
     """This process's share of the step's problems (all of them on one process)."""
-    rl = self.config.rl
-    index = local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
-                                rl_seed(self.config), self.process_index, self.process_count)
-    return [self.setup.train_problems[i] for i in index]
+    return [self.setup.train_problems[i] for i in self.step_indices(step)]
 
   def rollout(self, step: int) -> Rollouts:
     """Samples and tests this process's share of the step's responses (all of them on one
     process) with the current policy; `problem_index` indexes `step_problems(step)`."""
-    rl = self.config.rl
-    index = local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
-                                rl_seed(self.config), self.process_index, self.process_count)
+    index = self.step_indices(step)
     problems = [self.setup.train_problems[i] for i in index]
     prompt_ids = [self.prompt_ids[i] for i in index]
     key = jax.random.fold_in(self.state["rng"], step)

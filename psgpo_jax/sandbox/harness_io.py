@@ -69,6 +69,16 @@ def _signal_outcome(sig: int) -> Tuple[str, str]:
     return "killed", f"killed by signal {sig}"
 
 
+def _failure_exit_code(exc: BaseException) -> int:
+  """Exit code of a program process whose own machinery (not the program) raised `exc`:
+  a full output file is "output", exhausted memory "oom", anything else "error"."""
+  if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+    return _CASE_OUTPUT
+  if isinstance(exc, MemoryError):
+    return _CASE_OOM
+  return _CASE_ERROR
+
+
 def _redirect(fd: int, path: str, flags: int) -> None:
   """Points descriptor `fd` at the file `path`."""
   new = os.open(path, flags, 0o600)
@@ -100,12 +110,8 @@ def _run_case_process(code: Any, input_path: str, output_path: str) -> None:
       exit_code = {"oom": _CASE_OOM, "output": _CASE_OUTPUT}.get(code_name, _CASE_ERROR)
       print(report.describe_exception(exc, {"<program>": ""}), file=sys.stderr)
     sys.stdout.flush()
-  except OSError as exc:
-    exit_code = _CASE_OUTPUT if exc.errno == errno.EFBIG else _CASE_ERROR
-  except MemoryError:
-    exit_code = _CASE_OOM
-  except BaseException:  # pylint: disable=broad-except
-    exit_code = _CASE_ERROR
+  except BaseException as exc:  # pylint: disable=broad-except
+    exit_code = _failure_exit_code(exc)
   finally:
     try:
       sys.stderr.flush()
@@ -260,12 +266,8 @@ def _call_process(program: str, fn_name: str, class_name: Optional[str],
                f"case {index}: " + report.describe_exception(exc, sources))
         continue
       record("V", index, value)
-  except OSError as exc:
-    exit_code = _CASE_OUTPUT if exc.errno == errno.EFBIG else _CASE_ERROR
-  except MemoryError:
-    exit_code = _CASE_OOM
-  except BaseException:  # pylint: disable=broad-except
-    exit_code = _CASE_ERROR
+  except BaseException as exc:  # pylint: disable=broad-except
+    exit_code = _failure_exit_code(exc)
   finally:
     try:
       report.flush_std_streams()
