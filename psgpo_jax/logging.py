@@ -30,16 +30,24 @@ class MetricWriter:
   """Writes scalar metrics to `<logdir>/metrics.jsonl` and TensorBoard event files.
 
   Only process 0 writes; other processes get a writer that does nothing.
+
+  A run that resumes passes `keep_before`, the first step it will redo: rows of earlier
+  steps are kept, later ones (logged after the checkpoint the run resumes from) and a
+  torn last line (a crash mid-write) are dropped, so that no step appears twice. Stages
+  that restart from scratch pass 0 (SFT, PRM) and the file starts empty; None appends.
   """
 
-  def __init__(self, logdir: str, tensorboard: bool = True):
+  def __init__(self, logdir: str, tensorboard: bool = True, keep_before: Optional[int] = None):
     self.logdir = logdir
     self.active = _is_main_process()
     self._tb = None
     self._jsonl = None
     if self.active:
       os.makedirs(logdir, exist_ok=True)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(logdir, "metrics.jsonl")
+      if keep_before is not None:
+        truncate_metrics(path, keep_before)
+      self._jsonl = open(path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(logdir)
@@ -80,6 +88,30 @@ def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, d
   """A tqdm progress bar, shown on process 0 when `enabled`."""
   return tqdm(iterable, total=total, desc=desc, disable=not (enabled and _is_main_process()),
               dynamic_ncols=True, **kwargs)
+
+
+def truncate_metrics(path: str, keep_before: int) -> int:
+  """Rewrites metrics.jsonl `path` (atomically) with only its complete rows of steps
+  < `keep_before`; returns how many rows it dropped (0 when there is no file)."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:      # a torn last line
+        dropped += 1
+        continue
+      if isinstance(row, dict) and int(row.get("step", 0)) < keep_before:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+  return dropped
 
 
 def read_metrics(path: str) -> Iterable[Dict[str, Any]]:

@@ -355,6 +355,12 @@ class StopMatcher:
         best = key if best is None or key < best else best
     return None if best is None else best[1]
 
+  def stop_end(self, text: str, start: int) -> int:
+    """End of the stop string `first_stop` found at `start`: the shortest one occurring
+    there (the first completed); `start` itself if none does."""
+    return start + min((len(s) for s in self.stop_strings if text.startswith(s, start)),
+                       default=0)
+
 
 def _decode_fn(tokenizer) -> Callable[[Sequence[int]], str]:
   return lambda ids: tokenizer.decode([int(i) for i in ids])
@@ -668,6 +674,7 @@ class Sampler:
     for i in range(rows):
       kept = tokens[i, :lengths[i]].tolist()
       body = kept[:-1] if reasons[i] == FINISH_EOS else kept
+      body_all = body
       if self._decode is not None:
         prefix, prefix_text = prefixes[i], prefix_texts[i]
         full = self._decode(prefix + body)
@@ -677,6 +684,12 @@ class Sampler:
           target = full[:cut]
           keep = _fewest_tokens_covering(self._decode, prefix, body, target)
           kept, body, reasons[i] = body[:keep], body[:keep], FINISH_STOP
+          if keep == 0 and not prefix:
+            # A fresh response that is only its stop string: its text is empty, but the
+            # tokens that wrote the stop stay, so that RL sees (and rewards) the choice
+            # to stop at once; a response of no tokens would get no outcome at all.
+            kept = body_all[:max(1, _fewest_tokens_covering(
+                self._decode, prefix, body_all, full[:self.matcher.stop_end(full, cut)]))]
         texts.append(self._decode(prefix + body)[base:] if body else "")
       lengths[i] = len(kept)
     mask = np.arange(m)[None, :] < lengths[:, None]

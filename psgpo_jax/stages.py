@@ -204,7 +204,7 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                        "solution to fine-tune on; drop 'sft' from --config.stages.")
   eos = ctx.tokenizer.eos_token_id
   token_pairs = [(encode(ctx.tokenizer, p), encode(ctx.tokenizer, r) + [eos]) for p, r in pairs]
-  with MetricWriter(ctx.stage_dir("sft"), tensorboard=True) as writer:
+  with MetricWriter(ctx.stage_dir("sft"), keep_before=0) as writer:    # SFT restarts
     params, metrics = train_sft(
         initial_policy(ctx), ctx.model_cfg, token_pairs, steps=config.sft.steps,
         batch_size=config.sft.batch_size, learning_rate=config.sft.learning_rate,
@@ -252,8 +252,9 @@ def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: b
                       prm_params, steps=steps, dense_reward=dense_reward, value_init=value_init,
                       snapshot_every=snapshot_every, mesh=ctx.mesh, rules=ctx.rules)
   try:
-    trainer.maybe_restore()
-    with MetricWriter(workdir) as writer:
+    start = trainer.maybe_restore()
+    # Steps from `start` on are redone; a fresh run (start 0) logs its initial eval at -1.
+    with MetricWriter(workdir, keep_before=start if start else -1) as writer:
       result = trainer.run(writer, show_progress=config.logging.progress)
     save_model(_policy_dir(ctx, name), ctx.model_cfg, trainer.policy_params)
     if trainer.value_params is not None:
@@ -341,7 +342,7 @@ def run_prm(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                      "collect.selection=failed|all.")
   out_dir = ctx.stage_dir("prm")
   max_len = config.data.max_prompt_tokens + config.sampling.max_new_tokens + 1
-  with MetricWriter(out_dir) as writer:
+  with MetricWriter(out_dir, keep_before=0) as writer:        # PRM training restarts
     params, metrics = prm_train.train_prm(
         sft_policy(ctx), ctx.model_cfg, ctx.tokenizer, rows,
         prm_train.PRMTrainConfig.from_config(config, max_len=max_len), out_dir,

@@ -77,6 +77,25 @@ def test_rerun_skips_finished_stages_and_evaluate_cli_writes_report(tiny_run):
   assert len(samples) == 8 * 2 and {"task_id", "completion", "passed"} <= set(samples[0])
 
 
+def test_rl_resumed_after_a_crash_logs_each_step_once(tiny_run, tmp_path):
+  """A crash after step 2's metrics were written but before its checkpoint: the re-run
+  resumes from checkpoint 1, redoes step 1 and logs it once (the torn line is dropped)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir, symlinks=True)
+  rl_dir = os.path.join(workdir, "rl")
+  shutil.rmtree(os.path.join(rl_dir, "checkpoints", "2"))
+  os.remove(os.path.join(rl_dir, "result.json"))
+  with open(os.path.join(rl_dir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 2, "reward/pa')
+  stdout = _run("experiments.train", "--config", "configs/quickstart.py:tiny",
+                f"--config.workdir={workdir}", "--config.stages=rl")
+  assert "resumed from the checkpoint of step 1" in stdout
+  rows = [json.loads(l) for l in open(os.path.join(rl_dir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [-1, 0, 1]
+  assert [r["eval/updates"] for r in rows] == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_quickstart_improves_held_out_pass_rate(tmp_path):
   """The full quickstart (minutes on 2 cores): RL raises held-out pass@1 over SFT."""

@@ -443,3 +443,21 @@ def test_evaluation_on_a_mesh_matches_one_device(model, tokenizer):
   with pytest.raises(ValueError, match="sampling shards over 'data'"):
     evaluation.evaluate_policy(params, cfg, tokenizer, problems, None, config, seed=3,
                                mesh=Mesh(np.array(jax.devices()), ("tensor",)))
+
+
+def test_a_fresh_response_that_is_only_its_stop_string_keeps_the_stop_tokens(model, tokenizer):
+  """Its text is empty, but the tokens that wrote the stop string stay in the output, so
+  that RL has an action to reward (no outcome reward can sit on zero tokens)."""
+  cfg, params = model
+  prompts = _prompts(tokenizer, [5, 9], seed=12)
+  greedy = BASE.replace(greedy=True)
+  free = generate(params, cfg, prompts, jax.random.PRNGKey(0), greedy, tokenizer)
+  stop = free.texts[0][:2]
+  assert len(stop) == 2
+  out = generate(params, cfg, prompts, jax.random.PRNGKey(0),
+                 greedy.replace(stop_strings=(stop,)), tokenizer)
+  assert out.finish_reason[0] == "stop" and out.texts[0] == ""
+  kept = out.tokens[0, :out.lengths[0]].tolist()
+  assert 1 <= len(kept) and kept == free.tokens[0, :len(kept)].tolist()
+  assert tokenizer.decode(kept).startswith(stop)
+  assert not tokenizer.decode(kept[:-1]).startswith(stop)     # the fewest such tokens
