@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.batch_size = 32
   c.sft.learning_rate = 1e-3
   c.sft.warmup_steps = 20
+  c.sft.schedule = "cosine"            # cosine | wsd (stable, then linear decay over the last
+                                       # 20%) | constant, after the warmup
   c.sft.weight_decay = 0.0
   c.sft.noise = 0.0                    # synthetic: share of corrupted lines in the corpus
   c.sft.length_grouping = 0            # batches per length-sorted group (0 = off): less

@@ -91,7 +91,8 @@ def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
               weight_decay: float = 0.0, buckets: Sequence[int] = (), group_size: int = 1,
-              writer=None, show_progress: bool = True, mesh: Any = None,
+              schedule: str = "cosine", writer=None, show_progress: bool = True,
+              mesh: Any = None,
               rules: Optional[Mapping[str, Any]] = None):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
 
@@ -99,6 +100,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     params: CausalLM params (not donated: the caller's copy stays valid).
     pairs: list of (prompt token ids, response token ids incl. EOS).
     steps, batch_size, learning_rate, warmup_steps, weight_decay: the optimisation.
+    schedule: learning-rate schedule after warmup (`train_step.SCHEDULES`).
     pad_id: padding token id.
     buckets: padded row lengths; () = `batching.default_buckets` of the longest pair.
     group_size: batches per length-sorted group (`sft_batches`); 1 = no grouping.
@@ -118,7 +120,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   optimizer = train_step.make_optimizer(learning_rate, weight_decay=weight_decay,
                                         warmup_steps=warmup_steps,
                                         total_steps=max(steps, warmup_steps + 1),
-                                        schedule="cosine")
+                                        schedule=schedule)
   state = train_step.TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer)
   update = train_step.gradient_update(make_sft_loss(model_cfg), optimizer)
   state, step_fn = train_step.single_model_step(update, state, CausalLM(model_cfg), optimizer,

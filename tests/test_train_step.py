@@ -103,6 +103,18 @@ def test_constant_schedule_warms_up_then_stays():
     ts.make_schedule(1.0, schedule="linear")
 
 
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_over_the_last_fifth():
+  schedule = ts.make_schedule(1.0, warmup_steps=10, total_steps=110, schedule="wsd")
+  steps = (0, 5, 10, 50, 90, 95, 100, 110)
+  # Warmup 10 steps; then 100 steps: 80 at 1.0, 20 decaying from 1.0 to 0 at step 110.
+  np.testing.assert_allclose([schedule(i) for i in steps],
+                             [0.0, 0.5, 1.0, 1.0, 1.0, 0.75, 0.5, 0.0], atol=1e-6)
+  no_warmup = ts.make_schedule(2.0, total_steps=10, schedule="wsd")
+  np.testing.assert_allclose([no_warmup(i) for i in (0, 8, 9, 10)], [2.0, 2.0, 1.0, 0.0])
+  with pytest.raises(ValueError, match="total_steps"):
+    ts.make_schedule(1.0, warmup_steps=5, total_steps=5, schedule="wsd")
+
 # ----------------------------------------------------------------------------- guard
 
 
