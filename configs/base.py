@@ -159,7 +159,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.reward.skip_trivial_lines = True
   c.rl.reward.penalty_only = False     # clip dense rewards to <= 0
   c.rl.reward.credit = "sum"           # sum | min (PURE min-form credit assignment)
-  c.rl.reward.shaping = "none"         # none | potential (PRM(after) - PRM(before))
+  c.rl.reward.shaping = "none"         # none | potential (PRM(after) - PRM(before); 0 after
+                                       # the last line: Ng et al. potential shaping)
   c.rl.reward.shaping_baseline = 0.0   # potential shaping: PRM value before the first line
   c.rl.reward.kl_coef = 0.02
   c.rl.reward.kl_estimator = "k1"      # k1 | k3

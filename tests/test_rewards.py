@@ -158,15 +158,17 @@ def test_dense_potential_shaping_hand_example():
   cfg = dataclasses.replace(CFG, shaping="potential", shaping_baseline=0.1)
   out = dense(cfg)
   c0, c1 = 0.25 / 2, 0.025 / 4
-  want = expected({4: c0 * (0.5 - 0.1), 8: c0 * (-0.6 - 0.5)},
+  # The last counted line ends the episode: its potential is 0, not its PRM score.
+  want = expected({4: c0 * (0.5 - 0.1), 8: c0 * (0.0 - 0.5)},
                   {3: c1 * (0.8 - 0.1), 5: c1 * (0.2 - 0.8), 7: c1 * (0.4 - 0.2),
-                   9: c1 * (1.0 - 0.4)})
+                   9: c1 * (0.0 - 0.4)})
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("num_lines", [1, 2, 5, 11])
 def test_potential_shaping_telescopes(num_lines):
-  """Sum of shaped rewards = PRM(last line) - baseline, whatever the number of lines."""
+  """Sum of shaped rewards = 0 - baseline (Ng et al.: terminal potential 0), whatever the
+  number of lines and the PRM's scores: no response can farm them."""
   rng = np.random.default_rng(num_lines)
   length = 32
   response = np.zeros((1, length), np.int32)
@@ -178,16 +180,16 @@ def test_potential_shaping_telescopes(num_lines):
   if num_lines > 2:
     trivial[0, ends[1]] = 1           # a comment line in the middle is skipped
   prm = rng.normal(size=(1, length)).astype(np.float32)
-  last = ends[-1]
   cfg = R.RewardConfig(shaping="potential", shaping_baseline=-0.3, normalize_by_lines=False,
                        dense_coef_fail=1.0, dense_coef_pass=1.0)
   out = np.asarray(R.dense_rewards(prm, np.array([False]), line_end, response, cfg, trivial))
-  np.testing.assert_allclose(out.sum(), prm[0, last] + 0.3, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.sum(), 0.3, rtol=1e-5, atol=1e-6)
+  assert np.count_nonzero(out) == (num_lines - (1 if num_lines > 2 else 0))
   # With normalisation the total is lambda / N times that: bounded, cannot be farmed.
   cfg = dataclasses.replace(cfg, normalize_by_lines=True, dense_coef_fail=0.25)
   out = np.asarray(R.dense_rewards(prm, np.array([False]), line_end, response, cfg, trivial))
   n = num_lines - (1 if num_lines > 2 else 0)
-  np.testing.assert_allclose(out.sum(), 0.25 / n * (prm[0, last] + 0.3), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.sum(), 0.25 / n * 0.3, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- KL

@@ -15,10 +15,16 @@ Dense reward of line m (PSGPO, Dai et al. 2024), before the optional safeguards:
     d_m = lambda * s_m / N,   lambda = dense_coef_pass if the response passed else
                                        dense_coef_fail,
     s_m = PRM(x, y<=m)                         (shaping = "none")
-        = PRM(x, y<=m) - PRM(x, y<=m')         (shaping = "potential"; m' the previous
-                                                counted line, PRM before line 1 =
-                                                shaping_baseline; sums telescope),
+        = Phi_m - Phi_{m'}                     (shaping = "potential"; m' the previous
+                                                counted line),
+    Phi_m = PRM(x, y<=m) for m < M,   Phi_M = 0 (the last counted line ends the episode),
+    Phi before line 1 = shaping_baseline,
     N   = number of counted lines (normalize_by_lines), else 1.
+
+Potential shaping is Ng et al.'s (1999): the terminal potential is 0, so the shaped
+rewards of a response sum to -shaping_baseline whatever it wrote; they move credit
+between lines (a line that raises the PRM's score earns, one that lowers it pays) and
+cannot change which policy is optimal. The PRM's score after the last line is not used.
 
 Counted lines are the response's line ends, minus blank/comment-only lines when
 `skip_trivial_lines`. Then `penalty_only` clips d_m to <= 0, and `credit = "min"`
@@ -64,7 +70,8 @@ class RewardConfig:
     skip_trivial_lines: no dense reward on blank/comment-only lines (not counted).
     penalty_only: clip dense rewards to <= 0.
     credit: "sum" (rewards add up) or "min" (PURE min-form return-to-go).
-    shaping: "none" or "potential" (line earns PRM(after) - PRM(before)).
+    shaping: "none" or "potential" (line earns PRM(after) - PRM(before); the potential
+      after the last line is 0, Ng et al. 1999).
     shaping_baseline: PRM value before the first line, for potential shaping.
     kl_coef: (initial) coefficient of the per-token KL penalty.
     kl_estimator: "k1" (logp - ref) or "k3" (exp(ref - logp) - (ref - logp) - 1).
@@ -233,8 +240,9 @@ def dense_rewards(prm_scores: Array, passed: Array, line_end_mask: Array,
                    jnp.float32(config.dense_coef_fail))                          # [B]
   if config.normalize_by_lines:
     coef = coef / jnp.maximum(jnp.sum(lines, axis=1), 1).astype(jnp.float32)
-  if config.shaping == "potential":
-    scores = scores - _previous_score(scores, lines, config.shaping_baseline)
+  if config.shaping == "potential":     # Phi at the last line = 0 (terminal)
+    previous = _previous_score(scores, lines, config.shaping_baseline)
+    scores = jnp.where(last_token_mask(lines), 0.0, scores) - previous
   line_rewards = coef[:, None] * scores
   if config.penalty_only:
     line_rewards = jnp.minimum(line_rewards, 0.0)
