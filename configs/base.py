@@ -176,19 +176,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.output_dir = ""               # evaluate.py: report dir ("" = <workdir>/evaluate)
   c.eval.num_problems = 0              # 0 = all held-out problems
   c.eval.num_samples = 8               # n samples per problem for pass@k
-  c.eval.ks = "1,4,8"
+  c.eval.ks = ""                       # k values of pass@k and Best-of-K, e.g. "1,4,8"
+                                       # ("" = 1, 2, 4, ... up to num_samples; each <= it)
   c.eval.temperature = 0.8
 
   # --- devices --------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)            # (data, fsdp, tensor); -1 fills the remaining devices
   c.mesh.distributed = False           # call jax.distributed.initialize() (multi-host)
+  c.mesh.rules = ""                    # logical-axis rule overrides, e.g. "embed:fsdp,mlp:
+                                       # tensor+fsdp,vocab:" ("" = sharding.DEFAULT_RULES)
 
   # --- checkpoints and logs -------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 20
   c.checkpoint.max_to_keep = 2
   c.logging = ml_collections.ConfigDict()
-  c.logging.every_steps = 1
+  c.logging.every_steps = 1            # SFT, PRM and RL metrics rows every N steps (and
+                                       # at evaluations and the last step)
   c.logging.progress = True            # tqdm bars
   return c

@@ -111,6 +111,11 @@ def _problems(config: ml_collections.ConfigDict) -> Iterable[str]:
   if rollouts % config.rl.num_minibatches:
     yield (f"rl.prompts_per_step * rl.samples_per_prompt = {rollouts} is not divisible by "
            f"rl.num_minibatches={config.rl.num_minibatches}")
+  from psgpo_jax.evaluation import parse_ks  # pylint: disable=import-outside-toplevel
+  try:
+    parse_ks(config.eval.ks, config.eval.num_samples)
+  except ValueError as exc:
+    yield str(exc)
   shape = tuple(config.mesh.shape)
   if len(shape) != 3 or list(shape).count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     yield f"mesh.shape={shape}: three sizes (data, fsdp, tensor), at most one -1"

@@ -363,10 +363,37 @@ def paired_pass_gain(before: Iterable[Mapping[str, Any]], after: Iterable[Mappin
   return {"gain": float(diff.mean()), "se": se, "tasks": len(tasks)}
 
 
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 100)
+
+
+def parse_ks(text: str, num_samples: int) -> List[int]:
+  """The k values of pass@k and Best-of-K from a config string (`eval.ks`).
+
+  Args:
+    text: comma-separated k values ("1,4,8"); "" = those of `DEFAULT_KS` <= num_samples.
+    num_samples: samples per problem (n); pass@k needs k <= n.
+  Raises:
+    ValueError: a k is not a positive integer or exceeds num_samples.
+  """
+  if not str(text).strip():
+    return [k for k in DEFAULT_KS if k <= num_samples]
+  try:
+    ks = sorted({int(k) for k in str(text).split(",") if k.strip()})
+  except ValueError as exc:
+    raise ValueError(f"eval.ks={text!r} must be comma-separated integers, e.g. '1,4,8'."
+                     ) from exc
+  bad = [k for k in ks if not 1 <= k <= num_samples]
+  if bad:
+    raise ValueError(f"eval.ks={text!r} has k={bad} outside [1, {num_samples}]: pass@k needs "
+                     f"k <= the samples per problem ({num_samples}); raise eval.num_samples "
+                     f"or drop those k.")
+  return ks
+
+
 def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Sequence[Any],
                     sandbox: Any, sampling_config: Any, seed: int,
                     show_progress: bool = True, rows_per_call: int = 256,
-                    mesh: Any = None) -> Dict[str, Any]:
+                    mesh: Any = None, ks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
   """Samples `sampling_config.num_samples` responses per problem and tests them.
 
   Args:
@@ -380,6 +407,7 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
     rows_per_call: responses sampled per sampler call.
     mesh: optional mesh with a `data` axis the sampler splits rows over (the samples do
       not depend on it).
+    ks: the k values of pass@k and Best-of-K (`parse_ks`); None = `DEFAULT_KS` <= n.
   Returns:
     {"summary": pass@k overall and by source, "by_horizon": pass@1 per horizon (the
     synthetic suite; 0 elsewhere), "by_lines": pass@1 per response line count,
@@ -405,7 +433,7 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
                       "result": result.status, "source": problem.source,
                       "horizon": int(problem.metadata.get("horizon", 0)),
                       "lines": count_lines(text)})
-  ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= n]
+  ks = list(ks) if ks is not None else parse_ks("", n)
   passed = [s["passed"] for s in samples]
   return {"summary": summarize(samples, ks=ks),
           "by_horizon": pass_rate_by_bucket([s["horizon"] for s in samples], passed),

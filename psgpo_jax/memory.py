@@ -408,5 +408,6 @@ def plan_from_config(config: Any, model_cfg: Optional[ModelConfig] = None,
                      models=models,
                      trainable=("policy", "value") if critic else ("policy",),
                      remat=bool(config.model.remat),
-                     device_bytes=device_bytes, rules=mesh.get("rules", None),
+                     device_bytes=device_bytes,
+                     rules=sharding_lib.parse_rules(mesh.get("rules", None)),
                      num_devices=num_devices)

@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psgpo_jax.fields import checked_fields
 from psgpo_jax.models.config import ModelConfig
-from psgpo_jax.models.heads import CausalLM
+from psgpo_jax.models.heads import CausalLM, check_length
 from psgpo_jax.models.transformer import default_positions, init_cache
 
 Array = jax.Array
@@ -637,6 +637,8 @@ class Sampler:
     if min(flat) < 0 or max(flat) >= self.model_cfg.vocab_size:
       raise ValueError(f"Token ids must be in [0, {self.model_cfg.vocab_size}).")
 
+    check_length(max(map(len, seqs)) + cfg.max_new_tokens, self.model_cfg,
+                 "The longest prompt (+ prefix) plus sampling.max_new_tokens")
     num_prompts = len(seqs)
     length = bucket_size(max(map(len, seqs)), cfg.min_prompt_bucket, cfg.prompt_buckets)
     batch = bucket_size(num_prompts, cfg.min_batch_bucket, cfg.batch_buckets)

@@ -91,7 +91,8 @@ def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
               weight_decay: float = 0.0, buckets: Sequence[int] = (), group_size: int = 1,
-              schedule: str = "cosine", writer=None, show_progress: bool = True,
+              schedule: str = "cosine", writer=None, log_every: int = 1,
+              show_progress: bool = True,
               mesh: Any = None,
               rules: Optional[Mapping[str, Any]] = None):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
@@ -104,7 +105,8 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     pad_id: padding token id.
     buckets: padded row lengths; () = `batching.default_buckets` of the longest pair.
     group_size: batches per length-sorted group (`sft_batches`); 1 = no grouping.
-    writer: optional MetricWriter (metrics under `sft/`).
+    writer: optional MetricWriter (metrics under `sft/`), written every `log_every` steps
+      and at the last.
     mesh: optional device mesh: params and optimizer state sharded by `rules`
       (`train_step.state_shardings`), rows of each batch split over the `batch` axes
       (`batch_size` must divide evenly: checked first), activations constrained.
@@ -134,9 +136,10 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   for step in bar:
     batch = batch_arrays(next(batches), mesh, rules)
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
-    if writer is not None or step == steps - 1 or step % 20 == 0:
+    logged = step % max(1, log_every) == 0 or step == steps - 1
+    if logged or step % 20 == 0:
       metrics = jax.device_get(metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-      if writer is not None:
+      if writer is not None and logged:
         writer.write(step, metrics, prefix="sft/")
   return state.params, {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -134,9 +134,36 @@ def make_rules(overrides: Optional[Union[Mapping[str, Any], Iterable[Tuple[str, 
   return rules
 
 
+def parse_rules(value: Any) -> Optional[dict]:
+  """Rule overrides as written in a config (`mesh.rules`), as a mapping or None.
+
+  A string lists `logical:axes` pairs, comma-separated, with several mesh axes joined by
+  `+` and nothing after the colon for "replicated": "embed:fsdp,mlp:tensor+fsdp,vocab:"
+  (the command line's form); a mapping is taken as is; "" or None is no override.
+
+  Raises:
+    ValueError: a string entry without a colon.
+  """
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  if not isinstance(value, str):
+    return dict(value)
+  out = {}
+  for entry in value.split(","):
+    if not entry.strip():
+      continue
+    name, sep, axes = entry.partition(":")
+    if not sep or not name.strip():
+      raise ValueError(f"mesh.rules entry {entry!r} is not 'logical:axes' (e.g. "
+                       f"'embed:fsdp', 'mlp:tensor+fsdp', 'vocab:' for replicated).")
+    out[name.strip()] = tuple(a.strip() for a in axes.split("+") if a.strip()) or None
+  return out
+
+
 def rules_from_config(config: Optional[Mapping[str, Any]] = None) -> dict:
-  """Rules from a mesh config section: its optional `rules` entry overrides the defaults."""
-  return make_rules((config or {}).get("rules", None))
+  """Rules from a mesh config section: its optional `rules` entry (`parse_rules`)
+  overrides the defaults."""
+  return make_rules(parse_rules((config or {}).get("rules", None)))
 
 
 def _mesh_axes_for(name: Optional[str], rules: Rules, mesh: Mesh) -> MeshAxes:

@@ -8,7 +8,7 @@ Models pass between stages as Hugging Face checkpoint directories:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import ml_collections
@@ -157,17 +157,19 @@ def _require(path: str, what: str, stage_name: str) -> str:
 
 
 def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperature: float,
-                    seed: int, greedy: bool = False, show_progress: bool = True
-                    ) -> Dict[str, Any]:
+                    seed: int, greedy: bool = False, show_progress: bool = True,
+                    ks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
   """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox, config and
-  mesh (rows split over the sampling mesh's `data` axis)."""
+  mesh (rows split over the sampling mesh's `data` axis); `ks` None = `eval.ks`."""
   from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
   sampling = sampling_config(ctx.config, ctx.tokenizer, num_samples, temperature=temperature,
                              greedy=greedy)
   return evaluation.evaluate_policy(sharding.local_copy(params, ctx.mesh), ctx.model_cfg,
                                     ctx.tokenizer, problems, ctx.sandbox, sampling, seed,
                                     show_progress=show_progress,
-                                    mesh=sharding.sampling_mesh(ctx.mesh))
+                                    mesh=sharding.sampling_mesh(ctx.mesh),
+                                    ks=ks if ks is not None else evaluation.parse_ks(
+                                        ctx.config.eval.ks, num_samples))
 
 
 def _require_one_process(stage_name: str) -> None:
@@ -181,7 +183,8 @@ def _require_one_process(stage_name: str) -> None:
 
 
 def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
-  out = evaluate_policy(ctx, params, problems, 1, 1.0, seed, greedy=True, show_progress=False)
+  out = evaluate_policy(ctx, params, problems, 1, 1.0, seed, greedy=True, show_progress=False,
+                        ks=(1,))
   return out["summary"]["all"].get("pass@1", 0.0)
 
 
@@ -212,6 +215,7 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
         warmup_steps=config.sft.warmup_steps, weight_decay=config.sft.weight_decay,
         group_size=max(1, config.sft.length_grouping),
         schedule=config.sft.schedule,
+        log_every=config.logging.every_steps,
         writer=writer, show_progress=config.logging.progress, mesh=ctx.mesh,
         rules=ctx.rules)
   save_model(_policy_dir(ctx, "sft"), ctx.model_cfg, params)
@@ -233,7 +237,7 @@ def _rl_setup(ctx, evaluate: bool):
     if samples:
       sampled = evaluate_policy(ctx, params, eval_problems, samples,
                                 ctx.config.eval.temperature, ctx.config.seed + 17,
-                                show_progress=False)
+                                show_progress=False, ks=(1,))
       out["pass@1"] = sampled["summary"]["all"].get("pass@1", 0.0)
     return out
 

@@ -169,3 +169,13 @@ def test_paired_pass_gain_is_the_mean_per_task_difference_with_its_standard_erro
   np.testing.assert_allclose(out["se"], diffs.std(ddof=1) / np.sqrt(3))
   with pytest.raises(ValueError, match="share no task_id"):
     E.paired_pass_gain(before, [{"task_id": "z", "passed": True}])
+
+
+def test_parse_ks_reads_eval_ks_and_refuses_k_above_the_samples():
+  assert E.parse_ks("", 16) == [1, 2, 4, 8, 16]
+  assert E.parse_ks("", 10) == [1, 2, 4, 8]
+  assert E.parse_ks("8, 1,4,1", 8) == [1, 4, 8]
+  with pytest.raises(ValueError, match="raise eval.num_samples"):
+    E.parse_ks("1,16", 8)
+  with pytest.raises(ValueError, match="comma-separated integers"):
+    E.parse_ks("1;4", 8)

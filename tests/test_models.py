@@ -149,3 +149,23 @@ def test_config_errors_name_the_problem(bad, message):
     ModelConfig(**{**TINY, **bad})
   with pytest.raises(ValueError, match="Unknown model config field"):
     ModelConfig.from_dict({**TINY, "hiden_size": 3})
+
+
+def test_inputs_longer_than_the_position_limit_are_refused_by_name():
+  cfg = ModelConfig(**{**TINY, "max_position_embeddings": 8})
+  params = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  CausalLM(cfg).apply({"params": params}, _tokens(1, 8))           # at the limit: fine
+  for module in (CausalLM(cfg), ScalarModel(cfg)):
+    with pytest.raises(ValueError, match="max_position_embeddings=8"):
+      module.apply({"params": params if isinstance(module, CausalLM) else
+                    init_params(module, jax.random.PRNGKey(0))}, _tokens(1, 9))
+
+
+def test_the_sampler_refuses_prompts_that_leave_no_room_for_new_tokens():
+  from psgpo_jax.sampling import Sampler, SamplingConfig  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(**{**TINY, "max_position_embeddings": 16})
+  params = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  sampler = Sampler(cfg, SamplingConfig(max_new_tokens=8, eos_ids=()))
+  sampler.generate(params, [[1] * 8], jax.random.PRNGKey(0))       # 8 + 8 = 16: fine
+  with pytest.raises(ValueError, match="sampling.max_new_tokens"):
+    sampler.generate(params, [[1] * 9], jax.random.PRNGKey(0))

@@ -162,3 +162,13 @@ def test_global_batch_from_local_on_one_process_equals_shard_batch():
   np.testing.assert_array_equal(np.asarray(glob), local["tokens"])
   assert sharding.is_main_process()
   assert sharding.initialize_distributed({"distributed": False}) is False
+
+
+def test_rule_overrides_from_the_command_line_string():
+  rules = sharding.rules_from_config({"rules": "embed:fsdp+tensor, mlp:, vocab:data"})
+  assert rules["embed"] == ("fsdp", "tensor") and rules["mlp"] == ()
+  assert rules["vocab"] == ("data",) and rules["batch"] == ("data", "fsdp")   # default kept
+  assert sharding.rules_from_config({"rules": ""}) == sharding.make_rules()
+  assert sharding.parse_rules({"mlp": None}) == {"mlp": None}
+  with pytest.raises(ValueError, match="logical:axes"):
+    sharding.parse_rules("embed=fsdp")

@@ -55,6 +55,7 @@ class CausalLM(nn.Module):
     Returns:
       logits [B, T, V] float32.
     """
+    check_length(tokens.shape[-1], self.cfg)
     attention_mask, positions = _full_sequence_inputs(tokens, attention_mask, positions)
     hidden, _ = self.model(tokens, attention_mask, positions)
     return self.logits(hidden)
@@ -91,9 +92,19 @@ class ScalarModel(nn.Module):
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                positions: Optional[Array] = None) -> Array:
     """tokens [B,T], mask [B,T] -> scalars [B,T] float32 (same conventions as CausalLM)."""
+    check_length(tokens.shape[-1], self.cfg)
     attention_mask, positions = _full_sequence_inputs(tokens, attention_mask, positions)
     hidden, _ = self.model(tokens, attention_mask, positions)
     return self.score(hidden)
+
+
+def check_length(length: int, cfg: ModelConfig, what: str = "A model input") -> None:
+  """Raises ValueError when `length` tokens exceed `cfg.max_position_embeddings`."""
+  if length > cfg.max_position_embeddings:
+    raise ValueError(
+        f"{what} of {length} tokens exceeds model.max_position_embeddings="
+        f"{cfg.max_position_embeddings}: shorten it (data.max_prompt_tokens, "
+        f"sampling.max_new_tokens) or use a model with longer positions.")
 
 
 class ScoreHead(nn.Module):

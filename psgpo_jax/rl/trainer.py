@@ -399,7 +399,8 @@ class RLTrainer:
         metrics.update({f"eval/{k}": v for k, v in self.setup.evaluate(
             self.state["ppo"]["policy"].params, step + 1).items()})
       self.history.append({"step": step, **metrics})
-      if writer is not None:
+      if writer is not None and (step % max(1, self.config.logging.every_steps) == 0
+                                 or "eval/updates" in metrics or step + 1 == self.steps):
         writer.write(step, metrics)
       bar.set_postfix(pass_rate=f"{metrics['reward/pass_rate']:.2f}",
                       kl=f"{metrics['reward/kl']:.3f}")
