@@ -226,6 +226,7 @@ def test_train_prm_learns_oracle_labels_on_the_synthetic_suite(tokenizer, tmp_pa
   # Learned, on prompts never trained on: clearly better than chance and than at init.
   assert metrics["auroc"] > 0.7, metrics
   assert metrics["auroc"] > metrics["init/auroc"] + 0.1, metrics
+  assert metrics["auroc"] > metrics["position/auroc"], metrics   # more than line position
   assert metrics["line_accuracy"] > 0.7, metrics
   written = json.load(open(tmp_path / "metrics.json"))
   assert written["auroc"] == pytest.approx(metrics["auroc"])
@@ -271,3 +272,11 @@ def test_train_batches_are_full_and_cover_every_example():
   assert set(seen) == set(range(7))
   small = prm.train_batches(examples[:2], 4, 0, (8,), np.random.default_rng(0))
   assert sorted(next(small)["row_index"].tolist()) == [-1, -1, 0, 1]
+
+
+def test_position_baseline_scores_each_line_by_its_index_mean():
+  from psgpo_jax.prm.baselines import position_means, position_scores  # pylint: disable=import-outside-toplevel
+  train = [{"line_labels": [1, 1, -1]}, {"line_labels": [1, -1]}, {"line_labels": [1, 0, 1, -1]}]
+  assert position_means(train) == pytest.approx([1.0, 0.0, 0.0, -1.0])
+  assert position_scores(train, [{"line_labels": [1, 1, 1, 1, 1]}, {"line_labels": []}]) == \
+      [[1.0, 0.0, 0.0, -1.0, -1.0], []]

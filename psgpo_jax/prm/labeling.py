@@ -11,7 +11,13 @@ Search over step prefixes, with invariant "prefix `lo` is correct, prefix `hi` i
 prefix 0 (the prompt alone) is assumed correct and prefix n (the full, failing response)
 is known to fail, so the search starts at (lo, hi) = (0, n), probes m = (lo + hi) // 2 and
 stops when hi = lo + 1. Then step `lo` (0-based) is the first bad step: steps before it
-are labelled +1, steps from it on -1. A response costs at most K * ceil(log2(n)) <=
+are labelled +1, steps from it on -1. A failing response whose every proper prefix is
+recoverable gets its last step as the first bad one (only it is labelled -1): completing
+it was possible until the last line, which made it fail. Monotonicity is assumed, not
+checked: the search's probes are nested (after a failing prefix it only probes shorter
+ones, after a recoverable one only longer ones), so one search never sees a violation;
+`label_agreement_by_k` and the oracle agreement in the collect stats measure the
+label noise that a violation would cause. A response costs at most K * ceil(log2(n)) <=
 K * ceil(log2(n + 1)) completions, against K * (n - 1) for a linear scan (Math-Shepherd).
 
 Batched: the searches of a whole batch of responses advance together. Each round gathers

@@ -34,6 +34,7 @@ import optax
 from psgpo_jax import batching, train_step
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
+from psgpo_jax.prm.baselines import position_scores
 from psgpo_jax.rollout import encode
 
 Array = jax.Array
@@ -538,6 +539,7 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     rules: logical-axis rules for `mesh` (default `sharding.make_rules()`).
   Returns:
     (PRM params, metrics): held-out metrics before (`init/...`) and after training,
+    those of the position-only predictor on the same rows (`position/...`),
     the last training metrics (`train/...`), counts and seconds.
   """
   from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
@@ -596,6 +598,10 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   result: Dict[str, Any] = {k: v for k, v in after.items() if k != "calibration"}
   result.update({f"init/{k}": v for k, v in before.items()
                  if k in ("auroc", "line_accuracy", "first_error_accuracy", "ece")})
+  if eval_rows:        # the trivial predictor: line position alone (prm/baselines.py)
+    position = prm_metrics(eval_rows, position_scores(train_rows, eval_rows), threshold=0.0)
+    result.update({f"position/{k}": v for k, v in position.items()
+                   if k in ("auroc", "line_accuracy", "first_error_accuracy")})
   result.update({f"train/{k}": v for k, v in train_metrics.items()})
   result.update({f"train_eval/{k}": v for k, v in train_eval.items()
                  if k in ("auroc", "line_accuracy", "first_error_accuracy")})
