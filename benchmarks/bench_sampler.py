@@ -107,7 +107,8 @@ class TorchBaseline:
 
 
 def find_torch_python(flag: str | None) -> str | None:
-  """The interpreter for the baseline: the flag, this one if it has torch, or the venv."""
+  """The interpreter for the baseline: the flag, this one if it has torch, or the one
+  the TORCH_PYTHON environment variable names (a virtualenv with torch)."""
   if flag:
     return None if flag == "none" else flag
   try:
@@ -115,8 +116,8 @@ def find_torch_python(flag: str | None) -> str | None:
     return sys.executable
   except ImportError:
     pass
-  venv = "/work/torchenv/bin/python"
-  return venv if os.path.exists(venv) else None
+  venv = os.environ.get("TORCH_PYTHON", "")
+  return venv if venv and os.path.exists(venv) else None
 
 
 def model_flops(cfg: ModelConfig, batch: int, prompt: int, new: int) -> float:

@@ -330,18 +330,22 @@ def write_report(root: str, runs: Mapping[str, Sequence[Dict[str, Any]]], out_di
   claim("Both together beat dense only", "both", "dense")
   claim("Both together beat value init only", "both", "value")
   claim("Both together beat no PRM", "both", "none")
+  claim("Oracle dense rewards help (oracle > none): the upper bound", "oracle", "none")
+  claim("The learned PRM's dense rewards reach the oracle's (dense - oracle)", "dense", "oracle")
+  claim("PSGPO reaches the oracle's dense rewards (both - oracle)", "both", "oracle")
   L.append("| claim | difference in held-out pass@1 | standard error | verdict |")
   L.append("|---|---|---|---|")
   for text, c, v in claims:
     L.append(f"| {text} | {c['diff']:+.3f} | {c['se']:.3f} | {v} |")
   L.append("\nA claim 'held' when the mean difference over seeds exceeds two standard "
            "errors (Welch); 'within noise' otherwise.\n")
-  if "both" in runs and "none" in runs:
-    gains, slope = horizon_gain_slope(runs, "both", "none")
-    L.append("**The gain grows with response length** (both - no PRM, pass@1 per horizon): "
-             + ", ".join(f"h{h}: {g:+.3f}" for h, g in gains.items())
-             + f"; least-squares slope {slope:+.4f} per line: "
-             + ("held" if slope > 0 else "not shown") + " here.\n")
+  for a in ("both", "oracle"):
+    if a in runs and "none" in runs:
+      gains, slope = horizon_gain_slope(runs, a, "none")
+      L.append(f"**The gain grows with response length** ({LABELS[a]} - no PRM, pass@1 per "
+               "horizon): " + ", ".join(f"h{h}: {g:+.3f}" for h, g in gains.items())
+               + f"; least-squares slope {slope:+.4f} per line: "
+               + ("held" if slope > 0 else "not shown") + " here.\n")
 
   L.append("## Plots\n")
   for name, path in plots.items():
@@ -349,7 +353,8 @@ def write_report(root: str, runs: Mapping[str, Sequence[Dict[str, Any]]], out_di
 
   L.append("## PRM quality and labels\n")
   L.append(f"- PRM on held-out labeled responses: AUROC {prm.get('auroc', float('nan')):.3f} "
-           f"(at init {prm.get('init/auroc', float('nan')):.3f}), line accuracy "
+           f"(at init {prm.get('init/auroc', float('nan')):.3f}, line position alone "
+           f"{prm.get('position/auroc', float('nan')):.3f}), line accuracy "
            f"{prm.get('line_accuracy', float('nan')):.3f}, first-error accuracy "
            f"{prm.get('first_error_accuracy', float('nan')):.3f} against the binary-search "
            f"labels and {prm.get('oracle_first_error_accuracy', float('nan')):.3f} against the "
@@ -416,5 +421,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  common.check_config_flags(sys.argv)
+  common.check_config_flags(sys.argv, __doc__)
   app.run(main)

@@ -14,12 +14,39 @@ def _config_file_arg(argv: Sequence[str]) -> str:
   return ""
 
 
-def check_config_flags(argv: Sequence[str]) -> None:
-  """Exits with a clear message when the config file is missing or a field is unknown.
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+def usage(doc: str, argv: Sequence[str]) -> str:
+  """An entry point's help: its docstring, then every config field with its value in
+  the given config (configs/quickstart.py when none is given)."""
+  from psgpo_jax.configuration import field_paths  # pylint: disable=import-outside-toplevel
+  spec = _config_file_arg(argv) or "configs/quickstart.py"
+  lines = [doc.strip(), "", f"Config fields (values of {spec}; their meanings are in "
+           "configs/base.py), each settable as --config.<field>=<value>:"]
+  try:
+    config = load_config(spec)
+  except FileNotFoundError:
+    return "\n".join(lines[:2] + [f"(config file {spec!r} not found)"])
+  for path in field_paths(config):
+    value = config
+    for part in path.split("."):
+      value = value[part]
+    lines.append(f"  {path} = {value!r}")
+  return "\n".join(lines)
+
+
+def check_config_flags(argv: Sequence[str], doc: str = "") -> None:
+  """Exits with a clear message when the config file is missing or a field is unknown;
+  with -h / --help, prints `usage(doc, argv)` and exits.
 
   ml_collections reports an unknown `--config.x=...` as a bare AttributeError deep in a
   traceback; this names the field and the closest known ones instead.
   """
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(usage(doc or "Pass --config configs/<name>.py and any --config.<field>=<value>.",
+                argv))
+    sys.exit(0)
   spec = _config_file_arg(argv)
   if not spec:
     sys.exit("error: pass a config file, e.g. --config configs/quickstart.py")

@@ -79,5 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.check_config_flags(sys.argv)
+  common.check_config_flags(sys.argv, __doc__)
   app.run(main)

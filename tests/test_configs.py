@@ -134,3 +134,10 @@ def test_every_base_field_is_read_by_some_code_path():
     if not any(re.search(p, source) for p in patterns):
       unread.append(path)
   assert not unread, f"configs/base.py fields that no code reads: {unread}"
+
+
+def test_help_prints_the_usage_and_every_field():
+  out = _train_cli("--help")
+  assert out.returncode == 0, out.stderr
+  assert "python -m experiments.train --config configs/quickstart.py" in out.stdout
+  assert "rl.policy_lr = " in out.stdout and "sft.schedule = 'wsd'" in out.stdout
