@@ -676,7 +676,7 @@ class Sampler:
     for i in range(rows):
       kept = tokens[i, :lengths[i]].tolist()
       body = kept[:-1] if reasons[i] == FINISH_EOS else kept
-      body_all = body
+      generated = body                 # every token the policy wrote (EOS excluded)
       if self._decode is not None:
         prefix, prefix_text = prefixes[i], prefix_texts[i]
         full = self._decode(prefix + body)
@@ -690,8 +690,8 @@ class Sampler:
             # A fresh response that is only its stop string: its text is empty, but the
             # tokens that wrote the stop stay, so that RL sees (and rewards) the choice
             # to stop at once; a response of no tokens would get no outcome at all.
-            kept = body_all[:max(1, _fewest_tokens_covering(
-                self._decode, prefix, body_all, full[:self.matcher.stop_end(full, cut)]))]
+            kept = generated[:max(1, _fewest_tokens_covering(
+                self._decode, prefix, generated, full[:self.matcher.stop_end(full, cut)]))]
         texts.append(self._decode(prefix + body)[base:] if body else "")
       lengths[i] = len(kept)
     mask = np.arange(m)[None, :] < lengths[:, None]
