@@ -56,7 +56,6 @@ def get_config(variant: str = ""):
     c.rl.eval_every = 1
     c.eval.num_samples = 2
     c.rl.eval_samples = 0
-    c.eval.ks = "1,2"             # pass@1 and pass@2 only (2 samples)
     c.sampling.max_new_tokens = 48
     c.checkpoint.every_steps = 1
     c.logging.progress = False

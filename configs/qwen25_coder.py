@@ -88,7 +88,7 @@ def _toy(c):
   c.rl.steps, c.rl.samples_per_prompt, c.rl.num_minibatches = 2, 2, 2
   c.rl.policy_lr, c.rl.value_lr = 1e-4, 1e-4
   c.rl.eval_every = 0
-  c.eval.num_samples, c.eval.ks, c.eval.temperature = 2, "1,2", 0.2
+  c.eval.num_samples, c.eval.temperature = 2, 0.2    # eval.ks "": pass@1, pass@2
   c.checkpoint.every_steps = 1
   c.logging.progress = False
   c.stages = "sft,collect,prm,rl,eval"
