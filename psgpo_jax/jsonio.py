@@ -24,6 +24,18 @@ def strict(value: Any) -> Any:
   return value
 
 
+def write_text(path: str, text: str) -> str:
+  """Replaces `path` with `text` atomically (temporary file, fsync, rename): readers and
+  crashes see the old file or the new one, never half of one. Returns `path`."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return path
+
+
 def write_json(path: str, value: Any, sort_keys: bool = False) -> str:
   """Writes `value` to `path` as strict JSON, atomically; returns `path`.
 
@@ -35,9 +47,5 @@ def write_json(path: str, value: Any, sort_keys: bool = False) -> str:
       return strict(float(obj))
     except (TypeError, ValueError):
       return str(obj)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(strict(value), f, indent=2, sort_keys=sort_keys, default=default,
-              allow_nan=False)
-  os.replace(tmp, path)
-  return path
+  return write_text(path, json.dumps(strict(value), indent=2, sort_keys=sort_keys,
+                                     default=default, allow_nan=False))

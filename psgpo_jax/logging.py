@@ -9,6 +9,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 from tqdm.auto import tqdm
 
+from psgpo_jax.jsonio import write_text
+
 
 def _is_main_process() -> bool:
   try:
@@ -107,10 +109,7 @@ def truncate_metrics(path: str, keep_before: int) -> int:
         kept.append(line if line.endswith("\n") else line + "\n")
       else:
         dropped += 1
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  write_text(path, "".join(kept))
   return dropped
 
 

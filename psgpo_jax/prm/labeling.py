@@ -46,7 +46,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 import numpy as np
 
-from psgpo_jax.jsonio import write_json
+from psgpo_jax.jsonio import write_json, write_text
 from psgpo_jax.lines import is_trivial_line, split_lines  # re-exported: callers use these names
 
 Row = Dict[str, Any]
@@ -426,15 +426,8 @@ def shard_path(out_dir: str, index: int) -> str:
 
 def write_shard(out_dir: str, index: int, rows: Sequence[Row]) -> str:
   """Writes one batch's rows as JSONL atomically (temp file + rename); returns the path."""
-  path = shard_path(out_dir, index)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return path
+  return write_text(shard_path(out_dir, index),
+                    "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def read_shard(path: str) -> List[Row]:
