@@ -4,10 +4,13 @@ Runs real RL steps (sample, sandbox, pack, score, advantages, PPO update) from a
 run's SFT policy and PRM (`--run_dir`, e.g. runs/quickstart after
 `python -m experiments.train --config configs/quickstart.py`), twice in the same process:
 
-  * baseline: the quickstart's RL step as configured (configs/quickstart.py: PPO with GAE,
-    the value model initialised from the PRM, PRM dense rewards);
-  * ours:     the same step with a critic-free estimator (`--ours`, default
-    rl.advantage=rloo: the same token rewards, no value model to score or train).
+  * ours:     the quickstart's RL step as configured (configs/quickstart.py: PPO with GAE,
+    the value model initialised from the PRM, PRM dense rewards, scored and updated on
+    rows of two prompt groups, `rl.prompts_per_row=2`); `--ours` overrides fields;
+  * baseline: the same step on one `prompt + response` row per sample, every prompt
+    computed once per sample (`--baseline`, default rl.prompts_per_row=0: the step
+    before rows of prompt groups). The two differ only in layout (and so in which
+    samples share a minibatch); tests/test_group_rows.py checks they compute the same.
 
 Each setting runs `--warmup` steps (compilation) and then `--steps` timed steps from the
 same initial policy; the table gives each phase's mean seconds. Response lengths follow
@@ -15,7 +18,7 @@ the policies, so the two settings' steps do comparable but not identical work; b
 print their tokens per step.
 
 Usage: python benchmarks/bench_rl_step.py --run_dir runs/quickstart [--steps 8] [--warmup 2]
-       [--ours rl.advantage=rloo,rl.ppo_epochs=1]
+       [--ours rl.advantage=rloo] [--baseline rl.prompts_per_row=0]
 The last line printed is one JSON object (ratio = ours / baseline seconds per step).
 """
 from __future__ import annotations
@@ -83,10 +86,12 @@ def main() -> None:
   parser.add_argument("--config", default="configs/quickstart.py")
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--ours", default="rl.advantage=rloo",
+  parser.add_argument("--ours", default="",
                       help="comma-separated field=value overrides of the config for 'ours'")
+  parser.add_argument("--baseline", default="rl.prompts_per_row=0",
+                      help="comma-separated field=value overrides for the baseline")
   args = parser.parse_args()
-  ours_overrides = dict(item.split("=", 1) for item in args.ours.split(",") if item)
+  overrides = lambda text: dict(item.split("=", 1) for item in text.split(",") if item)  # noqa: E731
   run_dir = os.path.abspath(args.run_dir)
   for part in ("sft/policy", "prm/model", "tokenizer"):
     if not os.path.isdir(os.path.join(run_dir, part)):
@@ -95,9 +100,9 @@ def main() -> None:
                f"prm at least).")
   base = load_config(args.config)
   base.logging.progress = False
-  results = {"ours": time_setting(with_overrides(base, ours_overrides), run_dir, args.steps,
-                                  args.warmup),
-             "baseline": time_setting(base, run_dir, args.steps, args.warmup)}
+  results = {name: time_setting(with_overrides(base, overrides(text)), run_dir, args.steps,
+                                args.warmup)
+             for name, text in (("ours", args.ours), ("baseline", args.baseline))}
   print(f"{'setting':<10}" + "".join(f"{p:>12}" for p in PHASES + ("host", "step"))
         + f"{'rollouts':>10}{'tokens/resp':>12}")
   for name, r in results.items():

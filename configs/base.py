@@ -84,6 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
                                        # 20%) | constant, after the warmup
   c.sft.weight_decay = 0.0
   c.sft.noise = 0.0                    # synthetic: share of corrupted lines in the corpus
+  c.sft.packed_rows = 0                # pack each batch's pairs into this many rows (0 = a
+                                       # row per pair): same loss and gradient, less padding
   c.sft.length_grouping = 0            # batches per length-sorted group (0 = off): less
                                        # padding, but learned slower on the synthetic suite
 
@@ -124,6 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.samples_per_prompt = 4
   c.rl.ppo_epochs = 2
   c.rl.num_minibatches = 4
+  c.rl.prompts_per_row = 1             # score and update rows holding this many prompts,
+                                       # each once, with all their samples (0 = a row per
+                                       # sample, each repeating its prompt); minibatches
+                                       # then keep a prompt's samples together
   c.rl.micro_batches = 1               # accumulate each minibatch's gradient over this many
                                        # parts (same update; less memory, faster on CPU)
   c.rl.policy_lr = 2e-5

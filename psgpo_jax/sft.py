@@ -12,40 +12,58 @@ import numpy as np
 
 from psgpo_jax import batching, train_step
 from psgpo_jax.models import CausalLM, ModelConfig
+from psgpo_jax.models.heads import GROUP_ROW_KEYS, row_inputs, shift_right, token_logprobs
 
 Array = jax.Array
 
 
-def token_nll(logits: Array, tokens: Array) -> Array:
+def token_nll(logits: Array, tokens: Array, parents: Optional[Array] = None) -> Array:
   """Negative log-likelihood of each token given the ones before it.
 
   Args:
     logits: [B, T, V] float32 from the full-sequence forward.
     tokens: [B, T] int.
+    parents: optional [B, T], the slot predicting each token (`heads.token_logprobs`).
   Returns:
     [B, T] float32; position t is -log p(tokens[t] | tokens[<t]); position 0 is 0.
   """
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(-picked, ((0, 0), (1, 0)))
+  return -token_logprobs(logits, tokens, 1.0, parents)
 
 
 def make_sft_loss(model_cfg: ModelConfig) -> Callable:
-  """Returns loss(params, batch, rng) -> (mean response-token NLL, metrics)."""
+  """Returns loss(params, batch, rng) -> (mean response-token NLL, metrics), for rows of
+  one pair each or packed rows of several (`pack_pairs`): the same loss either way."""
   model = CausalLM(model_cfg)
 
   def loss_fn(params, batch, rng):
     del rng
-    logits = model.apply({"params": params}, batch["tokens"],
-                         attention_mask=batch["attention_mask"])
+    attention, positions, parents = row_inputs(batch)
+    logits = model.apply({"params": params}, batch["tokens"], attention_mask=attention,
+                         positions=positions)
     mask = batch["response_mask"].astype(jnp.float32)
     count = jnp.maximum(mask.sum(), 1.0)
-    loss = (token_nll(logits, batch["tokens"]) * mask).sum() / count
-    predicted = jnp.pad(jnp.argmax(logits[:, :-1], -1), ((0, 0), (1, 0)))
+    loss = (token_nll(logits, batch["tokens"], parents) * mask).sum() / count
+    best = jnp.argmax(logits, -1)
+    predicted = (shift_right(best[:, :-1]) if parents is None
+                 else jnp.take_along_axis(best, jnp.maximum(parents, 0), axis=1))
     accuracy = ((predicted == batch["tokens"]) * mask).sum() / count
     return loss, {"loss": loss, "token_accuracy": accuracy}
 
   return loss_fn
+
+
+def pack_pairs(batch: Dict[str, np.ndarray], num_rows: int, buckets: Sequence[int]
+               ) -> Dict[str, np.ndarray]:
+  """A `pack_sequences` batch of B pairs -> `num_rows` rows each holding several pairs
+  (`batching.pack_prompt_groups` with one response per prompt): tokens, segment,
+  branch, positions, parents and response_mask, all [num_rows, Tp]."""
+  packed = batching.pack_prompt_groups(
+      batch["tokens"], batch["prompt_lengths"],
+      batch["prompt_lengths"] + batch["response_lengths"], np.arange(len(batch["tokens"])),
+      buckets, num_rows=num_rows)
+  out = {k: packed[k] for k in ("tokens",) + GROUP_ROW_KEYS}
+  out["response_mask"] = (packed["branch"] > 0).astype(np.int32)
+  return out
 
 
 def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int,
@@ -79,9 +97,10 @@ def sft_batches(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size
 
 def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
                  rules: Optional[Mapping[str, Any]] = None) -> Dict[str, Array]:
-  """The model inputs of a packed batch ([B, T] each), as device arrays; with a mesh,
-  rows split over its `batch` axes (`sharding.shard_batch`)."""
-  arrays = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask")}
+  """The model inputs of a batch ([B, T] each, either row layout), as device arrays; with
+  a mesh, rows split over its `batch` axes (`sharding.shard_batch`)."""
+  layout = GROUP_ROW_KEYS if "branch" in batch else ("attention_mask",)
+  arrays = {k: batch[k] for k in ("tokens", "response_mask") + layout}
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in arrays.items()}
   from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
@@ -92,7 +111,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
               weight_decay: float = 0.0, buckets: Sequence[int] = (), group_size: int = 1,
               schedule: str = "cosine", writer=None, log_every: int = 1,
-              show_progress: bool = True,
+              show_progress: bool = True, packed_rows: int = 0,
               mesh: Any = None,
               rules: Optional[Mapping[str, Any]] = None):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
@@ -107,6 +126,8 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     group_size: batches per length-sorted group (`sft_batches`); 1 = no grouping.
     writer: optional MetricWriter (metrics under `sft/`), written every `log_every` steps
       and at the last.
+    packed_rows: 0, or the rows each batch's `batch_size` pairs are packed into
+      (`pack_pairs`): the same loss and gradient with less padding to compute.
     mesh: optional device mesh: params and optimizer state sharded by `rules`
       (`train_step.state_shardings`), rows of each batch split over the `batch` axes
       (`batch_size` must divide evenly: checked first), activations constrained.
@@ -118,7 +139,11 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
                      f"{batch_size}; lower the batch size or add data.")
   if mesh is not None:
     from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
-    sharding.check_batch_rows(batch_size, mesh, rules, "sft.batch_size")
+    sharding.check_batch_rows(packed_rows or batch_size, mesh, rules,
+                              "sft.packed_rows" if packed_rows else "sft.batch_size")
+  if not 0 <= packed_rows <= batch_size:
+    raise ValueError(f"sft.packed_rows={packed_rows} must be between 0 (off) and "
+                     f"sft.batch_size={batch_size}.")
   optimizer = train_step.make_optimizer(learning_rate, weight_decay=weight_decay,
                                         warmup_steps=warmup_steps,
                                         total_steps=max(steps, warmup_steps + 1),
@@ -130,6 +155,10 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
   batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed),
                         group_size)
+  if packed_rows:
+    longest = max(len(p) + len(r) for p, r in pairs)
+    row_buckets = batching.default_buckets(longest * -(-batch_size // packed_rows), 64)
+    batches = (pack_pairs(b, packed_rows, row_buckets) for b in batches)
   rng = jax.random.PRNGKey(seed)
   metrics = {}
   bar = progress(range(steps), desc="sft", enabled=show_progress)

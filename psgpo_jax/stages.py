@@ -214,7 +214,7 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
         pad_id=ctx.tokenizer.pad_token_id, seed=config.seed,
         warmup_steps=config.sft.warmup_steps, weight_decay=config.sft.weight_decay,
         group_size=max(1, config.sft.length_grouping),
-        schedule=config.sft.schedule,
+        schedule=config.sft.schedule, packed_rows=config.sft.packed_rows,
         log_every=config.logging.every_steps,
         writer=writer, show_progress=config.logging.progress, mesh=ctx.mesh,
         rules=ctx.rules)

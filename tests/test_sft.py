@@ -5,7 +5,7 @@ import numpy as np
 
 from psgpo_jax.batching import default_buckets, pack_sequences
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
-from psgpo_jax.sft import make_sft_loss, sft_batches, token_nll, train_sft
+from psgpo_jax.sft import make_sft_loss, pack_pairs, sft_batches, token_nll, train_sft
 
 CFG = ModelConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 
@@ -30,6 +30,31 @@ def test_loss_ignores_prompt_and_padding():
   nll = np.asarray(token_nll(logits, jnp.asarray(batch["tokens"])))
   expected = np.mean([nll[0, 3], nll[0, 4], nll[1, 1], nll[1, 2], nll[1, 3]])
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_pair():
+  """Several pairs per row (each attending only to itself) = one row per pair."""
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(1, 20, size=int(n)).tolist() for n in rng.integers(1, 6, size=6)]
+  responses = [rng.integers(1, 20, size=int(n)).tolist() for n in rng.integers(1, 7, size=6)]
+  plain = pack_sequences(prompts, responses, pad_id=0, buckets=(16,))
+  params = init_params(CausalLM(CFG), jax.random.PRNGKey(0))
+  loss_fn = make_sft_loss(CFG)
+  grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))
+  as_arrays = lambda b: {k: jnp.asarray(v) for k, v in b.items()}   # noqa: E731
+  loss, grads = grad(params, as_arrays({k: plain[k] for k in
+                                        ("tokens", "attention_mask", "response_mask")}))
+  for rows in (2, 3):
+    packed = pack_pairs(plain, rows, (16, 32, 48))
+    assert packed["tokens"].shape[0] == rows
+    assert packed["response_mask"].sum() == plain["response_mask"].sum()
+    packed_loss, packed_grads = grad(params, as_arrays(packed))
+    np.testing.assert_allclose(float(packed_loss), float(loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+  _, metrics = loss_fn(params, as_arrays(pack_pairs(plain, 2, (16, 32, 48))), None)
+  _, plain_metrics = loss_fn(params, as_arrays(plain), None)
+  np.testing.assert_allclose(metrics["token_accuracy"], plain_metrics["token_accuracy"])
 
 
 def test_sft_learns_a_deterministic_continuation():

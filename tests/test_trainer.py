@@ -12,6 +12,7 @@ from psgpo_jax import pipeline, sharding, stages
 from psgpo_jax.models import CausalLM, ScalarModel, logical_axes
 from psgpo_jax.rl import learner
 from psgpo_jax.rl import trainer as trainer_lib
+from psgpo_jax.rl.batch import rollout_batch
 from psgpo_jax.rollout import Rollouts
 from psgpo_jax.sandbox import Result
 from tolerances import ADAM_EPS, adam_param_atol
@@ -49,7 +50,7 @@ def test_rollout_batch_marks_line_ends_on_newline_tokens(ctx):
   response = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
   rollouts = Rollouts(np.array([0]), [prompt], [response], [np.zeros(len(response))], [text],
                       ["eos"], [Result(True, "passed", 6, 6)])
-  batch = trainer_lib.rollout_batch(rollouts, tok, tok.pad_token_id, (256,))
+  batch = rollout_batch(rollouts, tok, tok.pad_token_id, (256,))
   ends = np.flatnonzero(batch["line_end_mask"][0])
   assert len(ends) == text.count("\n")
   assert all("\n" in tok.decode([batch["tokens"][0, e]]) for e in ends)
@@ -67,7 +68,7 @@ def test_rollout_batch_marks_line_ends_on_newline_tokens(ctx):
   wrong_ids = tok.encode(wrong, add_special_tokens=False) + [tok.eos_token_id]
   rollouts = Rollouts(np.array([0]), [prompt], [wrong_ids], [np.zeros(len(wrong_ids))],
                       [wrong], ["eos"], [Result(False, "failed", 0, 6)])
-  batch = trainer_lib.rollout_batch(
+  batch = rollout_batch(
       rollouts, tok, tok.pad_token_id, (256,),
       lambda row, row_lines: synthetic.oracle_line_labels(problem, row_lines))
   ends = np.flatnonzero(batch["line_end_mask"][0])

@@ -4,10 +4,14 @@ The value model and the process reward model are the same class, `ScalarModel`, 
 `value_params = prm_params` is a valid initialisation. Both heads share the backbone
 parameter subtree `params['model']`, so a scalar model starts from a causal LM's backbone
 with `scalar_params_from_causal`.
+
+Also the outputs read per token: `token_logprobs`, `token_entropy` (token t read where
+it is predicted), and `row_inputs`, the model inputs of a batch in either row layout
+(one sequence per row, or rows of prompt groups from `batching.pack_prompt_groups`).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -15,7 +19,7 @@ import jax.numpy as jnp
 
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.transformer import (Dense, KVCache, Transformer, _param,
-                                          default_positions)
+                                          default_positions, shared_prompt_attention_mask)
 
 Array = jax.Array
 
@@ -26,8 +30,20 @@ def _full_sequence_inputs(tokens: Array, attention_mask: Optional[Array],
   if attention_mask is None:
     attention_mask = jnp.ones(tokens.shape, jnp.int32)
   if positions is None:
+    if attention_mask.ndim == 3:
+      raise ValueError("A [B, T, T] attention mask needs explicit positions: its rows hold "
+                       "several sequences, so positions cannot be counted from the mask.")
     positions = default_positions(attention_mask)
   return attention_mask, positions
+
+
+def _longest_sequence(tokens: Array, attention_mask: Optional[Array]) -> int:
+  """The length `check_length` bounds: the row length T; 0 for a [B, T, T] mask, whose
+  rows hold several sequences, each as long as its positions (bounded where the
+  sequences were made: the sampler checks prompt + max_new_tokens)."""
+  if attention_mask is not None and attention_mask.ndim == 3:
+    return 0
+  return tokens.shape[-1]
 
 
 class CausalLM(nn.Module):
@@ -50,12 +66,14 @@ class CausalLM(nn.Module):
 
     Args:
       tokens: [B, T] int.
-      attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right).
+      attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right); or a
+        [B, T, T] bool mask (query t sees slot s) with explicit `positions`, for rows
+        that hold several sequences (`transformer.shared_prompt_attention_mask`).
       positions: [B, T]; defaults to `cumsum(mask) - 1`, so padding shifts nothing.
     Returns:
       logits [B, T, V] float32.
     """
-    check_length(tokens.shape[-1], self.cfg)
+    check_length(_longest_sequence(tokens, attention_mask), self.cfg)
     attention_mask, positions = _full_sequence_inputs(tokens, attention_mask, positions)
     hidden, _ = self.model(tokens, attention_mask, positions)
     return self.logits(hidden)
@@ -92,7 +110,7 @@ class ScalarModel(nn.Module):
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                positions: Optional[Array] = None) -> Array:
     """tokens [B,T], mask [B,T] -> scalars [B,T] float32 (same conventions as CausalLM)."""
-    check_length(tokens.shape[-1], self.cfg)
+    check_length(_longest_sequence(tokens, attention_mask), self.cfg)
     attention_mask, positions = _full_sequence_inputs(tokens, attention_mask, positions)
     hidden, _ = self.model(tokens, attention_mask, positions)
     return self.score(hidden)
@@ -144,3 +162,76 @@ def scalar_params_from_causal(causal_params: dict, cfg: ModelConfig, rng: Array)
   """
   head = init_params(ScalarModel(cfg), rng)["score"]
   return {"model": causal_params["model"], "score": head}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def shift_right(x: Array) -> Array:
+  """[B, T-1, ...] -> [B, T, ...] with a zero row in front (time index t-1 -> t)."""
+  pad = [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, pad)
+
+
+def token_logprobs(logits: Array, tokens: Array, temperature: float = 1.0,
+                   parents: Optional[Array] = None) -> Array:
+  """Log-probabilities of the given tokens, aligned to the token positions.
+
+    out[:, t] = log_softmax(logits[:, t-1] / temperature)[tokens[:, t]]   (t >= 1)
+    out[:, 0] = 0
+
+  Args:
+    logits: [B, T, V] the model's logits (position t predicts token t+1).
+    tokens: [B, T] int.
+    temperature: the sampling temperature.
+    parents: optional [B, T] int, the slot whose logits predict token t, -1 where none
+      does (rows of prompt groups, `batching.pack_prompt_groups`); None means t - 1.
+  Returns:
+    [B, T] float32.
+  """
+  if parents is not None:
+    scaled = logits.astype(jnp.float32) / temperature
+    rows, at = jnp.arange(tokens.shape[0])[:, None], jnp.maximum(parents, 0)
+    chosen = scaled[rows, at, tokens.astype(jnp.int32)]
+    lse = jnp.take_along_axis(jax.nn.logsumexp(scaled, axis=-1), at, axis=1)
+    return jnp.where(parents >= 0, chosen - lse, 0.0)
+  scaled = logits[:, :-1].astype(jnp.float32) / temperature
+  chosen = jnp.take_along_axis(scaled, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+  return shift_right(chosen - jax.nn.logsumexp(scaled, axis=-1))
+
+
+def token_entropy(logits: Array, temperature: float = 1.0,
+                  parents: Optional[Array] = None) -> Array:
+  """Entropy of the policy at each action position: out[:, t] = H(softmax(logits[:, t-1]/T)).
+
+  Args:
+    logits: [B, T, V].
+    parents: as in `token_logprobs` (None: t - 1).
+  Returns:
+    [B, T] float32 (position 0 is 0).
+  """
+  if parents is not None:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    entropy = jnp.take_along_axis(-jnp.sum(jnp.exp(logp) * logp, axis=-1),
+                                  jnp.maximum(parents, 0), axis=1)
+    return jnp.where(parents >= 0, entropy, 0.0)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
+  return shift_right(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+
+# Rows of prompt groups carry these [B, T] fields instead of `attention_mask`.
+GROUP_ROW_KEYS = ("segment", "branch", "positions", "parents")
+
+
+def row_inputs(batch: Mapping[str, Array]) -> Tuple[Array, Optional[Array], Optional[Array]]:
+  """(attention_mask, positions, parents) of a batch in either row layout.
+
+  Rows `prompt + response` (`attention_mask` [B, T]) give (mask, None, None): positions
+  counted from the mask, token t predicted at t - 1. Rows of prompt groups
+  (`batching.pack_prompt_groups`: `segment`, `branch`, `positions`, `parents`) give
+  the [B, T, T] shared-prompt mask, their positions and their parents.
+  """
+  if "branch" in batch:
+    return (shared_prompt_attention_mask(batch["segment"], batch["branch"]),
+            batch["positions"], batch["parents"])
+  return batch["attention_mask"], None, None

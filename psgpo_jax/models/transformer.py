@@ -89,6 +89,26 @@ def attention_mask(kv_mask: Array, cache_index: Array, num_queries: int) -> Arra
   return causal[None] & kv_mask[:, None, :].astype(bool)
 
 
+def shared_prompt_attention_mask(segment: Array, branch: Array) -> Array:
+  """Causal attention for rows of prompt groups `prompt, response_1, ..., response_k`.
+
+  Args:
+    segment: [B, T] int: the group a slot belongs to, -1 on padding.
+    branch: [B, T] int: 0 on a prompt, j >= 1 on its response j, -1 on padding
+      (`batching.pack_prompt_groups`).
+  Returns:
+    [B, T, T] bool: slot s is visible from query t iff s <= t, both are in one group and
+    s holds the prompt or the same response as t. Padding queries see only themselves
+    (any output there is masked out downstream), so no softmax row is empty.
+  """
+  t = branch.shape[1]
+  causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]            # [T, S]
+  query, key = branch[:, :, None], branch[:, None, :]
+  same = ((key == 0) | (key == query)) & (segment[:, :, None] == segment[:, None, :])
+  same = same & (key >= 0) & (query >= 0)
+  return (causal[None] & same) | jnp.eye(t, dtype=bool)[None]
+
+
 class HeadProjection(nn.Module):
   """x [B,T,D] -> [B,T,N,Dh]: the q, k or v projection (optionally biased)."""
   cfg: ModelConfig
@@ -315,7 +335,9 @@ class Transformer(nn.Module):
 
     Args:
       tokens: [B, T] int token ids.
-      kv_mask: [B, S] 1 where a slot holds a real token; S = T without a cache.
+      kv_mask: [B, S] 1 where a slot holds a real token; S = T without a cache. Without a
+        cache it may instead be the whole [B, T, T] bool mask (query t sees slot s), e.g.
+        `shared_prompt_attention_mask`; it must then be causal.
       positions: [B, T] int positions of the new tokens.
       cache: None, or the per-layer (keys, values) of `init_cache`.
       cache_index: scalar slot of the first new token in the cache.
@@ -323,7 +345,13 @@ class Transformer(nn.Module):
       hidden: [B, T, D] in the compute dtype; the updated cache (None without one).
     """
     x = constrain_hidden(self.embed_tokens(tokens))
-    mask = attention_mask(kv_mask, cache_index, tokens.shape[1])
+    if kv_mask.ndim == 3:
+      if cache is not None:
+        raise ValueError("A [B, T, T] attention mask is for full-sequence forwards; decoding "
+                         "with a cache takes the [B, S] slot mask.")
+      mask = kv_mask.astype(bool)
+    else:
+      mask = attention_mask(kv_mask, cache_index, tokens.shape[1])
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i], cache_index)

@@ -254,9 +254,15 @@ def score(params: Any, model_cfg: ModelConfig, batch: Mapping[str, Array],
   """
   outputs = ScalarModel(model_cfg).apply({"params": params}, batch["tokens"],
                                          attention_mask=batch["attention_mask"])
+  return line_end_scores(outputs, batch["line_end_mask"], loss)
+
+
+def line_end_scores(outputs: Array, line_end_mask: Array, loss: str = "mse") -> Array:
+  """The PRM's raw outputs [B, T] -> `score`'s [B, T]: the [-1, 1] label scale (BCE logits
+  through 2 * sigmoid - 1) at line-end tokens, 0 elsewhere."""
   if loss == "bce":
     outputs = 2.0 * jax.nn.sigmoid(outputs) - 1.0
-  return jnp.where(batch["line_end_mask"] > 0, outputs, 0.0).astype(jnp.float32)
+  return jnp.where(line_end_mask > 0, outputs, 0.0).astype(jnp.float32)
 
 
 def make_score_fn(model_cfg: ModelConfig, loss: str = "mse") -> Callable:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from psgpo_jax import sharding, train_step
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.models import scalar_params_from_causal
+from psgpo_jax.models.heads import GROUP_ROW_KEYS, row_inputs
 from psgpo_jax.prm import train as prm_train
 from psgpo_jax.rl import advantages as advantages_lib
 from psgpo_jax.rl import ppo, rewards
@@ -35,6 +36,30 @@ def _rules(key: RulesKey) -> Optional[dict]:
   return None if key is None else sharding.make_rules(dict(key))
 
 
+# Fields of rows that hold a prompt group (`batching.pack_prompt_groups`), stored beside the
+# [N, T] rows in one batch under these names with a `group_` prefix.
+GROUP_FIELDS = ("tokens", "positions", "segment", "branch", "parents", "to_packed",
+                "to_rows")
+
+
+def from_group_rows(x: Array, to_rows: Array, attention_mask: Array) -> Array:
+  """A per-token output of the group rows [G, Tp] -> the [N, T] rows (0 on padding)."""
+  return jnp.where(attention_mask > 0, x.reshape(-1)[to_rows], 0).astype(x.dtype)
+
+
+def to_group_rows(batch: Mapping[str, Array], keys) -> dict:
+  """The PPO batch in the group-row layout: `keys`' per-token [N, T] fields gathered into
+  [G, Tp] (0 off the responses), with the group rows' tokens, positions, branch, parents.
+  """
+  to_packed, branch = batch["group_to_packed"], batch["group_branch"]
+  out = {k: batch[f"group_{k}"] for k in GROUP_ROW_KEYS + ("tokens",)}
+  for k in keys:
+    if k not in out and k != "attention_mask":
+      x = batch[k].reshape(-1)[to_packed]
+      out[k] = jnp.where(branch > 0, x, 0).astype(x.dtype)
+  return out
+
+
 @functools.lru_cache(maxsize=16)
 def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
                 prm_loss: str = "mse", mesh: Optional[Mesh] = None,
@@ -44,28 +69,51 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
   `params` is {'policy', 'ref'[, 'value'][, 'prm']}; outputs `old_logprobs`,
   `ref_logprobs`, `values` (aligned as in `rl.ppo`; zeros without a value model) and
   `prm_scores` (`prm.train.score`: the PRM's output at each line-end token on the
-  [-1, 1] label scale, 0 elsewhere) when `with_prm`. With a mesh, the forward passes run
-  under the activation-sharding rules (`rules`: a `rules_key`) and the outputs are split
-  by rows like the batch.
+  [-1, 1] label scale, 0 elsewhere) when `with_prm`. When the batch also holds its rows
+  as prompt groups (`group_*` fields, `GROUP_FIELDS`), the forwards run on those (each
+  prompt computed once) and the outputs are gathered back to the [B, T] rows. With a
+  mesh, the forward passes run under the activation-sharding rules (`rules`: a
+  `rules_key`) and the outputs are split by rows like the batch.
   """
   policy, scalar = CausalLM(model_cfg), ScalarModel(model_cfg)
 
   def score(params, batch):
     tokens, mask = batch["tokens"], batch["attention_mask"]
-    out = {
-        "old_logprobs": ppo.policy_logprobs(policy, params["policy"], tokens, mask, temperature),
-        "ref_logprobs": ppo.policy_logprobs(policy, params["ref"], tokens, mask, temperature),
-        "values": (ppo.value_predictions(scalar, params["value"], tokens, mask) if with_value
-                   else jnp.zeros(tokens.shape, jnp.float32)),
-    }
+    attention, positions, parents, back = mask, None, None, lambda x: x
+    if "group_tokens" in batch:
+      tokens = batch["group_tokens"]
+      attention, positions, parents = row_inputs(
+          {k: batch[f"group_{k}"] for k in GROUP_ROW_KEYS})
+      back = lambda x: from_group_rows(x, batch["group_to_rows"], mask)   # noqa: E731
+    logprobs = lambda p: back(ppo.policy_logprobs(policy, p, tokens, attention,  # noqa: E731
+                                                  temperature, positions, parents))
+    out = {"old_logprobs": logprobs(params["policy"]), "ref_logprobs": logprobs(params["ref"])}
+    out["values"] = (back(ppo.value_predictions(scalar, params["value"], tokens, attention,
+                                                positions, parents)) if with_value
+                     else jnp.zeros(mask.shape, jnp.float32))
     if with_prm:
-      out["prm_scores"] = prm_train.score(params["prm"], model_cfg, batch, prm_loss)
+      outputs = scalar.apply({"params": params["prm"]}, tokens, attention_mask=attention,
+                             positions=positions)
+      out["prm_scores"] = prm_train.line_end_scores(back(outputs), batch["line_end_mask"],
+                                                    prm_loss)
     return out
 
   if mesh is None:
     return jax.jit(score)
   return jax.jit(sharding.with_activation_sharding(score, mesh, _rules(rules)),
                  out_shardings=sharding.batch_sharding(mesh, _rules(rules)))
+
+
+def value_fit_by_position(values: Array, returns: Array, response_mask: Array,
+                          line_end_mask: Array) -> dict:
+  """The rollout values' explained variance of the returns, by position type: at line-end
+  tokens (where a PRM-initialised value was trained) and inside lines (where it never
+  was). All inputs [B, T]; scalars `explained_variance_line_end` / `_in_line`."""
+  response = response_mask > 0
+  line_end = response & (line_end_mask > 0)
+  return {"explained_variance_line_end": ppo.explained_variance(values, returns, line_end),
+          "explained_variance_in_line": ppo.explained_variance(values, returns,
+                                                               response & ~line_end)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,6 +123,8 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
 
   `estimator` is `rl.advantage` (`advantages.ESTIMATORS`); the critic-free ones group
   the batch's rows by prompt, `group_size` (= rl.samples_per_prompt) consecutive rows each.
+  With GAE the stats also give the rollout values' fit by position type
+  (`value_fit_by_position`).
   """
 
   def advantages(batch, kl_coef):
@@ -87,6 +137,9 @@ def make_advantage_fn(reward_cfg: rewards.RewardConfig, gamma: float, lam: float
     adv, ret = advantages_lib.estimate_advantages(
         estimator, token_rewards, batch["values"], batch["response_mask"], group_size, gamma,
         lam)
+    if estimator == "gae":
+      stats = {**stats, **value_fit_by_position(batch["values"], ret, batch["response_mask"],
+                                                batch["line_end_mask"])}
     return {**batch, "rewards": token_rewards, "advantages": adv, "returns": ret}, stats
 
   return jax.jit(advantages)
@@ -138,7 +191,8 @@ def prm_as_value_params(prm_params: Any, pass_reward: float, fail_reward: float,
 
   Inside a line (between line ends) the PRM was never trained; the value there is the
   PRM head read at a mid-line token, mapped the same way (its quality there is measured
-  by the `ppo/explained_variance_*` monitors, not assumed).
+  by the `reward/explained_variance_line_end` and `_in_line` monitors of
+  `value_fit_by_position`, not assumed).
 
   Raises:
     ValueError: a BCE PRM, whose label-scale score 2 * sigmoid(z) - 1 no linear head

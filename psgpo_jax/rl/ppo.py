@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psgpo_jax.models.heads import (GROUP_ROW_KEYS, row_inputs, shift_right, token_entropy,
+                                    token_logprobs)
 from psgpo_jax.train_step import TrainState, multi_gradient_update
 
 Array = jax.Array
@@ -132,71 +134,48 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) ->
   return jnp.where(jnp.asarray(mask).astype(bool), out, 0.0)
 
 
-def _shift_right(x: Array) -> Array:
-  """[B, T-1, ...] -> [B, T, ...] with a zero row in front (time index t-1 -> t)."""
-  pad = [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2)
-  return jnp.pad(x, pad)
-
-
-def token_logprobs(logits: Array, tokens: Array, temperature: float = 1.0) -> Array:
-  """Log-probabilities of the given tokens, aligned to the token positions.
-
-    out[:, t] = log_softmax(logits[:, t-1] / temperature)[tokens[:, t]]   (t >= 1)
-    out[:, 0] = 0
-
-  Args:
-    logits: [B, T, V] the model's logits (position t predicts token t+1).
-    tokens: [B, T] int.
-    temperature: the sampling temperature.
-  Returns:
-    [B, T] float32.
-  """
-  scaled = logits[:, :-1].astype(jnp.float32) / temperature
-  chosen = jnp.take_along_axis(scaled, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  return _shift_right(chosen - jax.nn.logsumexp(scaled, axis=-1))
-
-
-def token_entropy(logits: Array, temperature: float = 1.0) -> Array:
-  """Entropy of the policy at each action position: out[:, t] = H(softmax(logits[:, t-1]/T)).
-
-  Args:
-    logits: [B, T, V].
-  Returns:
-    [B, T] float32 (position 0 is 0).
-  """
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-  return _shift_right(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
-
-
-def entropy_from_logits(logits: Array, mask: Array, temperature: float = 1.0) -> Array:
+def entropy_from_logits(logits: Array, mask: Array, temperature: float = 1.0,
+                        parents: Optional[Array] = None) -> Array:
   """Mean policy entropy over the masked action positions.
 
   Args:
     logits: [B, T, V] the model's logits.
     mask: [B, T] action mask (e.g. response_mask), aligned as `token_logprobs`.
+    parents: as in `token_logprobs`.
   Returns:
     scalar float32.
   """
-  return masked_mean(token_entropy(logits, temperature), mask)
+  return masked_mean(token_entropy(logits, temperature, parents), mask)
 
 
-def align_values(scalar_outputs: Array) -> Array:
-  """Scalar-model outputs [B, T] -> values [B, T] with values[:, t] = output[:, t-1]."""
-  return _shift_right(jnp.asarray(scalar_outputs, jnp.float32)[:, :-1])
+def align_values(scalar_outputs: Array, parents: Optional[Array] = None) -> Array:
+  """Scalar-model outputs [B, T] -> values [B, T] with values[:, t] = output[:, t-1]
+  (output[:, parents[:, t]] with `parents`, as in `token_logprobs`)."""
+  outputs = jnp.asarray(scalar_outputs, jnp.float32)
+  if parents is not None:
+    values = jnp.take_along_axis(outputs, jnp.maximum(parents, 0), axis=1)
+    return jnp.where(parents >= 0, values, 0.0)
+  return shift_right(outputs[:, :-1])
 
 
 def policy_logprobs(policy_module: nn.Module, params: Any, tokens: Array,
-                    attention_mask: Array, temperature: float = 1.0) -> Array:
-  """log pi(tokens[t] | tokens[:t]) for a whole batch: [B, T] float32 (rollouts, reference)."""
-  logits = policy_module.apply({"params": params}, tokens, attention_mask=attention_mask)
-  return token_logprobs(logits, tokens, temperature)
+                    attention_mask: Array, temperature: float = 1.0,
+                    positions: Optional[Array] = None, parents: Optional[Array] = None
+                    ) -> Array:
+  """log pi(tokens[t] | tokens[:t]) for a whole batch: [B, T] float32 (rollouts, reference).
+  `positions` and `parents` as `heads.row_inputs` gives them (None: rows of one sequence)."""
+  logits = policy_module.apply({"params": params}, tokens, attention_mask=attention_mask,
+                               positions=positions)
+  return token_logprobs(logits, tokens, temperature, parents)
 
 
 def value_predictions(value_module: nn.Module, params: Any, tokens: Array,
-                      attention_mask: Array) -> Array:
+                      attention_mask: Array, positions: Optional[Array] = None,
+                      parents: Optional[Array] = None) -> Array:
   """V(tokens[:t]) at every position t: [B, T] float32 (position 0 is 0)."""
-  out = value_module.apply({"params": params}, tokens, attention_mask=attention_mask)
-  return align_values(out)
+  out = value_module.apply({"params": params}, tokens, attention_mask=attention_mask,
+                           positions=positions)
+  return align_values(out, parents)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -291,19 +270,20 @@ def make_ppo_loss(policy_module: nn.Module, value_module: Optional[nn.Module],
   def loss_fn(params, mb, rng):
     del rng
     mask = mb["response_mask"]
+    attention, positions, parents = row_inputs(mb)
     logits = policy_module.apply({"params": params["policy"]}, mb["tokens"],
-                                 attention_mask=mb["attention_mask"])
-    logprobs = token_logprobs(logits, mb["tokens"], config.temperature)
+                                 attention_mask=attention, positions=positions)
+    logprobs = token_logprobs(logits, mb["tokens"], config.temperature, parents)
     pg_loss, pg_metrics = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
                                       config.clip_eps)
-    entropy = entropy_from_logits(logits, mask, config.temperature)
+    entropy = entropy_from_logits(logits, mask, config.temperature, parents)
     if not config.ent_coef:
       entropy = jax.lax.stop_gradient(entropy)
     loss = pg_loss - config.ent_coef * entropy
     metrics = {"policy_loss": pg_loss, "entropy": entropy, **pg_metrics}
     if value_module is not None:
-      values = value_predictions(value_module, params["value"], mb["tokens"],
-                                 mb["attention_mask"])
+      values = value_predictions(value_module, params["value"], mb["tokens"], attention,
+                                 positions, parents)
       v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], mask,
                                      config.value_clip_eps)
       loss = loss + config.vf_coef * v_loss
@@ -331,7 +311,9 @@ def make_ppo_update(policy_module: nn.Module, value_module: Optional[nn.Module],
     A pure function (wrap it with `train_step.make_train_step`):
       state: {'policy': TrainState, 'value': TrainState}.
       batch: dict of [B, T] arrays with at least `UPDATE_KEYS` (rollout `old_logprobs`
-        and `values`, GAE `advantages` and `returns`), aligned as in the module docstring.
+        and `values`, GAE `advantages` and `returns`), aligned as in the module docstring;
+        or rows holding prompt groups (`heads.GROUP_ROW_KEYS` instead of `attention_mask`,
+        every per-token field in that layout), which minibatches then keep whole.
       rng: PRNG key for the per-epoch row permutations.
     Metrics are scalars averaged over all epochs x minibatches (`nonfinite` is then the
     share of skipped steps), plus batch statistics taken before the update
@@ -343,10 +325,13 @@ def make_ppo_update(policy_module: nn.Module, value_module: Optional[nn.Module],
                      f"{sorted(optimizers)}.")
   step = multi_gradient_update(make_ppo_loss(policy_module, value_module, config), optimizers,
                                config.micro_batches, weight_key="response_mask")
-  keys = tuple(k for k in UPDATE_KEYS if value_module is not None or k not in CRITIC_KEYS)
+  critic_keys = tuple(k for k in UPDATE_KEYS if value_module is not None or k not in CRITIC_KEYS)
 
   def update(state: PPOState, batch: Mapping[str, Array], rng: Array
              ) -> Tuple[PPOState, Metrics]:
+    keys = critic_keys
+    if "branch" in batch:        # rows holding a prompt group: their layout, not the mask
+      keys = tuple(k for k in keys if k != "attention_mask") + GROUP_ROW_KEYS
     missing = [k for k in keys if k not in batch]
     if missing:
       raise ValueError(f"The PPO batch lacks field(s) {missing}; it needs {keys}.")

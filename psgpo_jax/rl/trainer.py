@@ -32,13 +32,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from psgpo_jax import batching, checkpointing, sharding, tokenization, train_step
+from psgpo_jax import batching, checkpointing, sharding, train_step
 from psgpo_jax.logging import MetricWriter, progress
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel
 from psgpo_jax.rl import advantages as advantages_lib
 from psgpo_jax.rl import ppo, rewards
-from psgpo_jax.rl.learner import (init_value_params, make_advantage_fn, make_scorer,
-                                  make_update, rules_key)
+from psgpo_jax.rl.batch import prompt_group_rows, rollout_batch
+from psgpo_jax.rl.learner import (init_value_params, make_advantage_fn,
+                                  make_scorer, make_update, rules_key, to_group_rows)
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler, SamplingConfig
 from psgpo_jax.sandbox import HACK_KINDS, any_hack
@@ -61,40 +62,6 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, num_sampl
   if temperature is not None:
     section["temperature"] = temperature
   return SamplingConfig.from_dict(section)
-
-
-LineLabeler = Callable[[int, Sequence[str]], Sequence[int]]   # (row, lines) -> +-1 / 0 each
-
-
-def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequence[int],
-                  line_labels: Optional[LineLabeler] = None) -> Dict[str, np.ndarray]:
-  """Packs rollouts into the fixed-shape arrays the scorer and PPO read.
-
-  Returns [N, T] int32 `tokens`, `attention_mask`, `response_mask`, `line_end_mask`,
-  `trivial_line_mask` (right-padded), and [N] float32 `passed`, `pass_fraction`. With
-  `line_labels` (the oracle dense-reward source) also [N, T] float32 `prm_scores`: at each
-  line-end token the label of the last line ending there (the PRM's label scale), 0
-  elsewhere, exactly where a PRM's scores would sit.
-  """
-  packed = batching.pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_id, buckets)
-  spans = [tokenization.line_spans(tokenizer, p, r)
-           for p, r in zip(rollouts.prompt_ids, rollouts.response_ids)]
-  lines = tokenization.batch_line_arrays(spans, packed["response_mask"])
-  batch = {k: packed[k] for k in ("tokens", "attention_mask", "response_mask")}
-  batch["line_end_mask"] = lines["line_end_mask"]
-  batch["trivial_line_mask"] = lines["trivial_line_mask"]
-  batch["passed"] = rollouts.passed.astype(np.float32)
-  batch["pass_fraction"] = rollouts.pass_fraction
-  flags = rollouts.hack_flags or [{}] * len(rollouts)     # none recorded: nothing flagged
-  batch["hacked"] = np.asarray([any_hack(f) for f in flags], np.float32)
-  if line_labels is not None:
-    scores = np.zeros(lines["line_index"].shape, np.float32)
-    for row, row_spans in enumerate(spans):
-      labels = np.asarray(line_labels(row, row_spans.lines), np.float32)
-      at = lines["line_index"][row] >= 0
-      scores[row, at] = labels[lines["line_index"][row, at]]
-    batch["prm_scores"] = scores
-  return batch
 
 
 @dataclasses.dataclass
@@ -192,6 +159,14 @@ class RLTrainer:
     self.ppo_cfg = ppo.PPOConfig.from_config(rl, temperature=config.sampling.temperature)
     rows = rl.prompts_per_step * rl.samples_per_prompt
     self.ppo_cfg.minibatch_size(rows)
+    # Rows of prompt groups: the update's rows are then prompts_per_step / prompts_per_row.
+    self.prompts_per_row = int(rl.prompts_per_row)
+    self.share_prompts = self.prompts_per_row > 0
+    if self.share_prompts:
+      if self.prompts_per_row < 0 or rl.prompts_per_step % self.prompts_per_row:
+        raise ValueError(f"rl.prompts_per_row={self.prompts_per_row} must divide "
+                         f"rl.prompts_per_step={rl.prompts_per_step} (0 turns it off).")
+      self.ppo_cfg.minibatch_size(rl.prompts_per_step // self.prompts_per_row)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     local_problem_order(len(setup.train_problems), 0, rl.prompts_per_step, rl_seed(config),
                         self.process_index, self.process_count)     # fails early if uneven
@@ -199,6 +174,10 @@ class RLTrainer:
       sharding.check_batch_rows(
           rows, mesh, rules, "rl.prompts_per_step * rl.samples_per_prompt",
           "rl.prompts_per_step or rl.samples_per_prompt")
+      if self.share_prompts:
+        sharding.check_batch_rows(rl.prompts_per_step // self.prompts_per_row, mesh, rules,
+                                  "rl.prompts_per_step / rl.prompts_per_row",
+                                  "rl.prompts_per_step or rl.prompts_per_row")
     self.estimator = str(rl.advantage)
     if self.estimator not in advantages_lib.ESTIMATORS:
       raise ValueError(f"rl.advantage={self.estimator!r}; choose one of "
@@ -236,6 +215,10 @@ class RLTrainer:
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
     self.buckets = batching.default_buckets(
         max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
+    self.group_buckets = batching.default_buckets(max(1, self.prompts_per_row) * (
+        max(map(len, self.prompt_ids)) + rl.samples_per_prompt * config.sampling.max_new_tokens),
+        smallest=64)
+    self.to_group_rows = jax.jit(to_group_rows, static_argnums=1)
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
     self.history: List[Dict[str, float]] = []
@@ -257,15 +240,20 @@ class RLTrainer:
     out["kl_coef"], out["rng"] = jax.device_put((state["kl_coef"], state["rng"]), rep)
     return out
 
-  def _buckets(self, rollouts: Rollouts) -> Sequence[int]:
-    """Row-length buckets; on many processes, only those that fit every process's longest
-    rollout, so that every process packs its rows to the same length."""
+  def _buckets(self, buckets: Sequence[int], longest: int) -> Sequence[int]:
+    """Row-length buckets; on many processes, only those that fit every process's
+    `longest` row, so that every process packs its rows to the same length."""
     if self.process_count == 1:
-      return self.buckets
+      return buckets
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    longest = max(len(p) + len(r) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids))
     longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
-    return tuple(b for b in self.buckets if b >= longest)
+    return tuple(b for b in buckets if b >= longest)
+
+  def _group_rows(self, rollouts: Rollouts, tokens: np.ndarray) -> Dict[str, np.ndarray]:
+    """This process's rows as rows of prompt groups (`rl.batch.prompt_group_rows`)."""
+    return prompt_group_rows(rollouts, tokens, int(self.config.rl.samples_per_prompt),
+                             self.prompts_per_row, self.group_buckets, self.process_index,
+                             self._buckets)
 
   def _device_batch(self, host: Dict[str, np.ndarray]) -> Dict[str, Array]:
     """This process's rows as the step's global batch (split by rows over the mesh)."""
@@ -328,8 +316,11 @@ class RLTrainer:
       problems = self.step_problems(step)
       labeler = lambda row, lines: self.setup.line_oracle(                # noqa: E731
           problems[rollouts.problem_index[row]], lines)
+    longest = max(len(p) + len(r) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids))
     host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
-                         self._buckets(rollouts), labeler)
+                         self._buckets(self.buckets, longest), labeler)
+    if self.share_prompts:
+      host.update(self._group_rows(rollouts, host["tokens"]))
     batch = self._device_batch(host)
     t_pack = time.time()
     params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"]}
@@ -342,6 +333,9 @@ class RLTrainer:
     batch, reward_stats = jax.block_until_ready(
         self.advantage_fn(batch, self.state["kl_coef"]))
     t_advantages = time.time()
+    num_rows = int(batch["tokens"].shape[0])
+    if self.share_prompts:
+      batch = self.to_group_rows(batch, ppo.UPDATE_KEYS)
     if self.mesh is not None:     # rows split as the update's in_shardings (a no-op if so)
       batch = jax.device_put(batch, sharding.batch_sharding(self.mesh, self.rules))
     key = jax.random.fold_in(jax.random.fold_in(self.state["rng"], step), 1)
@@ -352,7 +346,7 @@ class RLTrainer:
     t_update = time.time()
     if self.reward_cfg.adaptive_kl:
       self.state["kl_coef"] = rewards.update_kl_coef(
-          self.state["kl_coef"], metrics["reward/kl"], int(batch["tokens"].shape[0]),
+          self.state["kl_coef"], metrics["reward/kl"], num_rows,
           self.reward_cfg.kl_target, self.reward_cfg.kl_horizon)
     metrics.update({"time/rollout_s": t1 - t0, "time/step_s": time.time() - t0,
                     "time/sample_s": rollouts.seconds.get("sample", 0.0),
