@@ -13,7 +13,9 @@ run's SFT policy and PRM (`--run_dir`, e.g. runs/quickstart after
     samples share a minibatch); tests/test_group_rows.py checks they compute the same.
 
 Each setting runs `--warmup` steps (compilation) and then `--steps` timed steps from the
-same initial policy; the table gives each phase's mean seconds. Response lengths follow
+same initial policy; the table gives each phase's median seconds (a step whose rows
+need a new padded length compiles again: the mean step, with those, is printed beside;
+`compilation_cache` makes them rare after a first run). Response lengths follow
 the policies, so the two settings' steps do comparable but not identical work; both
 print their tokens per step.
 
@@ -72,9 +74,10 @@ def time_setting(config, run_dir: str, steps: int, warmup: int):
       trainer.close()
   finally:
     ctx.close()
-  out = {p: float(np.mean([r[f"time/{p}_s"] for r in rows])) for p in PHASES}
-  out["step"] = float(np.mean([r["time/step_s"] for r in rows]))
-  out["host"] = out["step"] - sum(out[p] for p in PHASES)
+  out = {p: float(np.median([r[f"time/{p}_s"] for r in rows])) for p in PHASES}
+  out["step"] = float(np.median([r["time/step_s"] for r in rows]))
+  out["step_mean"] = float(np.mean([r["time/step_s"] for r in rows]))
+  out["host"] = max(0.0, out["step"] - sum(out[p] for p in PHASES))
   out["tokens"] = float(np.mean([r["reward/response_length"] for r in rows]))
   out["rollouts"] = int(rl.prompts_per_step * rl.samples_per_prompt)
   return out
@@ -103,16 +106,17 @@ def main() -> None:
   results = {name: time_setting(with_overrides(base, overrides(text)), run_dir, args.steps,
                                 args.warmup)
              for name, text in (("ours", args.ours), ("baseline", args.baseline))}
-  print(f"{'setting':<10}" + "".join(f"{p:>12}" for p in PHASES + ("host", "step"))
+  columns = PHASES + ("host", "step", "step_mean")
+  print(f"{'setting':<10}" + "".join(f"{p:>12}" for p in columns)
         + f"{'rollouts':>10}{'tokens/resp':>12}")
   for name, r in results.items():
-    print(f"{name:<10}" + "".join(f"{r[p]:>12.3f}" for p in PHASES + ("host", "step"))
+    print(f"{name:<10}" + "".join(f"{r[p]:>12.3f}" for p in columns)
           + f"{r['rollouts']:>10}{r['tokens']:>12.1f}")
   ours, baseline = results["ours"]["step"], results["baseline"]["step"]
-  print(json.dumps({"benchmark": "rl_step", "metric": "seconds per RL step (quickstart)",
+  print(json.dumps({"benchmark": "rl_step", "metric": "median seconds per RL step (quickstart)",
                     "ours": round(ours, 3), "baseline": round(baseline, 3),
                     "ratio": round(ours / baseline, 3),
-                    "phases": {k: {p: round(v[p], 3) for p in PHASES + ("host",)}
+                    "phases": {k: {p: round(v[p], 3) for p in PHASES + ("host", "step_mean")}
                                for k, v in results.items()},
                     "steps": args.steps}))
 

@@ -10,6 +10,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "runs/default"           # everything of a run goes here (made absolute)
   c.seed = 0                           # one seed for data order, init, sampling
+  c.compilation_cache = ""             # directory of XLA's compiled programs, reused by later
+                                       # runs and resumptions ("" = off)
   # Stages to run, in order; a stage whose output exists is skipped (re-runs continue).
   c.stages = "sft,baseline,collect,prm,rl,eval"
 

@@ -19,6 +19,7 @@ from configs import base
 def get_config(variant: str = ""):
   c = base.get_config()
   c.workdir = "runs/quickstart"
+  c.compilation_cache = "runs/xla_cache"   # a rerun or an ablation arm skips ~1 min of compiles
   c.data.num_train = 2000     # enough distinct specs that SFT generalises, not memorises
   c.sft.steps = 1000
   c.sft.noise = 0.2
@@ -38,6 +39,7 @@ def get_config(variant: str = ""):
   c.eval.num_samples = 16
   if variant == "tiny":
     c.workdir = "runs/quickstart_tiny"
+    c.compilation_cache = ""
     c.model.hidden_size = 32
     c.model.intermediate_size = 64
     c.data.num_train = 32

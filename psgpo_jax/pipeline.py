@@ -20,6 +20,17 @@ from psgpo_jax.jsonio import write_json
 STAGE_FNS = stages.STAGE_FNS
 
 
+def use_compilation_cache(directory: str, min_compile_seconds: float = 1.0) -> None:
+  """Keeps XLA's compiled programs in `directory` ("" = off), so that a later run with the
+  same shapes (a rerun, a resumed run, the ablation's arms) loads them instead of
+  compiling again; programs that compile in under `min_compile_seconds` are not kept."""
+  if not directory:
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+
+
 class RunContext:
   """What the stages share, built lazily once: tokenizer, problems, models, sandbox, and
   the device mesh (`config.mesh`) with its sharding rules, which SFT, PRM and RL train on.
@@ -31,6 +42,7 @@ class RunContext:
   def __init__(self, config: ml_collections.ConfigDict):
     from psgpo_jax.data.prompts import resolve_stop_strings  # pylint: disable=import-outside-toplevel
     resolve_stop_strings(config)          # "auto": the data source's own stop strings
+    use_compilation_cache(config.compilation_cache)
     self.config = config
     self.workdir = os.path.abspath(config.workdir)
     self.results: Dict[str, Dict[str, Any]] = {}
