@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
                                        # 20%) | constant, after the warmup
   c.sft.weight_decay = 0.0
   c.sft.noise = 0.0                    # synthetic: share of corrupted lines in the corpus
+  c.sft.checkpoint_every = 200         # steps between SFT checkpoints (a re-run resumes); 0 off
   c.sft.packed_rows = 0                # pack each batch's pairs into this many rows (0 = a
                                        # row per pair): same loss and gradient, less padding
   c.sft.length_grouping = 0            # batches per length-sorted group (0 = off): less

@@ -107,7 +107,8 @@ def pack_prompt_groups(tokens: np.ndarray, prompt_lengths: np.ndarray, lengths: 
     to_rows [N, T] int32: flat index into [R * Tp] of each token of each row (padding:
       its group's first slot), to gather per-token outputs back.
   Raises:
-    ValueError: rows of one group whose prompts differ, or fewer groups than rows.
+    ValueError: rows of one group whose prompts differ, an empty prompt, or fewer
+      groups than rows.
   """
   tokens = np.asarray(tokens)
   n, t = tokens.shape
@@ -116,6 +117,9 @@ def pack_prompt_groups(tokens: np.ndarray, prompt_lengths: np.ndarray, lengths: 
   groups = [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
   for rows in groups:
     p = int(prompt_lengths[rows[0]])
+    if p < 1:
+      raise ValueError(f"Row {rows[0]} has an empty prompt: its first response token would "
+                       f"have no slot to be predicted from; give every row a prompt.")
     for i in rows:
       if int(prompt_lengths[i]) != p or not np.array_equal(tokens[i, :p], tokens[rows[0], :p]):
         raise ValueError(f"Rows {rows[0]} and {i} share group id {group_ids[i]} but not their "

@@ -4,6 +4,7 @@ The loss goes through the shared step builder (`train_step.py`), like PPO and th
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -107,11 +108,21 @@ def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
   return sharding.shard_batch(arrays, mesh, rules)
 
 
+def resume_step(checkpoint_dir: str) -> int:
+  """The step `train_sft` resumes at from `checkpoint_dir` (0: no complete checkpoint)."""
+  if not os.path.isdir(checkpoint_dir):
+    return 0
+  from psgpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  with checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, create=False) as ckpt:
+    return 0 if ckpt.latest_step() is None else int(ckpt.restore_meta()["next_step"])
+
+
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
               weight_decay: float = 0.0, buckets: Sequence[int] = (), group_size: int = 1,
               schedule: str = "cosine", writer=None, log_every: int = 1,
               show_progress: bool = True, packed_rows: int = 0,
+              checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
               mesh: Any = None,
               rules: Optional[Mapping[str, Any]] = None):
   """Fine-tunes `params` on (prompt ids, response ids) pairs; returns (params, last metrics).
@@ -128,6 +139,10 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
       and at the last.
     packed_rows: 0, or the rows each batch's `batch_size` pairs are packed into
       (`pack_pairs`): the same loss and gradient with less padding to compute.
+    checkpoint_dir, checkpoint_every: with both, the state is saved every
+      `checkpoint_every` steps (the latest kept) and a run started again resumes from the
+      latest complete checkpoint (`resume_step`): the same batches and the same result
+      as a run that was never interrupted.
     mesh: optional device mesh: params and optimizer state sharded by `rules`
       (`train_step.state_shardings`), rows of each batch split over the `batch` axes
       (`batch_size` must divide evenly: checked first), activations constrained.
@@ -152,23 +167,38 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   update = train_step.gradient_update(make_sft_loss(model_cfg), optimizer)
   state, step_fn = train_step.single_model_step(update, state, CausalLM(model_cfg), optimizer,
                                                 mesh, rules)
+  checkpointer, start = None, 0
+  if checkpoint_dir and checkpoint_every > 0:
+    from psgpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    checkpointer = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      state, meta = checkpointer.restore(latest, target=checkpointing.abstract_target(state))
+      start = int(meta["next_step"])
+      print(f"[sft] resumed from the checkpoint of step {latest} in {checkpointer.directory}")
   buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
   batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed),
                         group_size)
+  for _ in range(start):         # the data order is the seed's: skip the steps done
+    next(batches)
   if packed_rows:
     longest = max(len(p) + len(r) for p, r in pairs)
     row_buckets = batching.default_buckets(longest * -(-batch_size // packed_rows), 64)
     batches = (pack_pairs(b, packed_rows, row_buckets) for b in batches)
   rng = jax.random.PRNGKey(seed)
   metrics = {}
-  bar = progress(range(steps), desc="sft", enabled=show_progress)
+  bar = progress(range(start, steps), desc="sft", enabled=show_progress)
   for step in bar:
     batch = batch_arrays(next(batches), mesh, rules)
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+    if checkpointer is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+      checkpointer.save(step + 1, state, {"next_step": step + 1})
     logged = step % max(1, log_every) == 0 or step == steps - 1
     if logged or step % 20 == 0:
       metrics = jax.device_get(metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
       if writer is not None and logged:
         writer.write(step, metrics, prefix="sft/")
+  if checkpointer is not None:
+    checkpointer.close()
   return state.params, {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -195,7 +195,7 @@ def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
 def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """Supervised warm-up on reference solutions (noised on the synthetic suite)."""
   from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.sft import train_sft  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sft import resume_step, train_sft  # pylint: disable=import-outside-toplevel
   train = ctx.problems["train"]
   if config.data.source == "synthetic":
     from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
@@ -207,7 +207,8 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                        "solution to fine-tune on; drop 'sft' from --config.stages.")
   eos = ctx.tokenizer.eos_token_id
   token_pairs = [(encode(ctx.tokenizer, p), encode(ctx.tokenizer, r) + [eos]) for p, r in pairs]
-  with MetricWriter(ctx.stage_dir("sft"), keep_before=0) as writer:    # SFT restarts
+  checkpoints = os.path.join(ctx.stage_dir("sft"), "checkpoints")
+  with MetricWriter(ctx.stage_dir("sft"), keep_before=resume_step(checkpoints)) as writer:
     params, metrics = train_sft(
         initial_policy(ctx), ctx.model_cfg, token_pairs, steps=config.sft.steps,
         batch_size=config.sft.batch_size, learning_rate=config.sft.learning_rate,
@@ -215,6 +216,7 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
         warmup_steps=config.sft.warmup_steps, weight_decay=config.sft.weight_decay,
         group_size=max(1, config.sft.length_grouping),
         schedule=config.sft.schedule, packed_rows=config.sft.packed_rows,
+        checkpoint_dir=checkpoints, checkpoint_every=config.sft.checkpoint_every,
         log_every=config.logging.every_steps,
         writer=writer, show_progress=config.logging.progress, mesh=ctx.mesh,
         rules=ctx.rules)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +95,49 @@ def test_rl_resumed_after_a_crash_logs_each_step_once(tiny_run, tmp_path):
   rows = [json.loads(l) for l in open(os.path.join(rl_dir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [-1, 0, 1]
   assert [r["eval/updates"] for r in rows] == [0, 1, 2]
+
+
+def _sft_policy(workdir):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  (path,) = glob.glob(os.path.join(workdir, "sft", "policy", "*.safetensors"))
+  return load_file(path)
+
+
+def test_sft_killed_mid_run_resumes_to_the_policy_of_an_uninterrupted_run(tiny_run,
+                                                                           tmp_path):
+  """SIGKILL during SFT, after its first checkpoint: the re-run resumes from it (same
+  batches, same step keys) and ends with the uninterrupted run's policy."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  args = ["--config", "configs/quickstart.py:tiny", "--config.stages=sft",
+          "--config.sft.steps=300", "--config.sft.checkpoint_every=50"]
+  dirs = {name: str(tmp_path / name) for name in ("whole", "killed")}
+  for workdir in dirs.values():
+    os.makedirs(workdir)
+    shutil.copytree(os.path.join(tiny_run[0], "tokenizer"), os.path.join(workdir, "tokenizer"))
+  _run("experiments.train", *args, f"--config.workdir={dirs['whole']}")
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
+                           f"--config.workdir={dirs['killed']}"], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(dirs["killed"], "sft", "checkpoints", "50", "meta")
+  deadline = time.time() + 600
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.kill()
+  proc.wait()
+  assert not os.path.exists(os.path.join(dirs["killed"], "sft", "result.json")), (
+      "SFT finished before the kill: the test needs more steps after the checkpoint")
+  stdout = _run("experiments.train", *args, f"--config.workdir={dirs['killed']}")
+  assert "[sft] resumed from the checkpoint of step" in stdout
+  whole, resumed = _sft_policy(dirs["whole"]), _sft_policy(dirs["killed"])
+  assert whole.keys() == resumed.keys()
+  for name, value in whole.items():
+    np.testing.assert_allclose(resumed[name], value, rtol=0, atol=1e-6, err_msg=name)
+  steps = [json.loads(l)["step"] for l in open(os.path.join(dirs["killed"], "sft",
+                                                            "metrics.jsonl"))]
+  assert steps == sorted(set(steps)) and steps[-1] == 299        # each step logged once
 
 
 @pytest.mark.slow

@@ -158,6 +158,7 @@ def test_local_problem_order_splits_each_step_between_processes():
 def test_trainer_rejects_a_batch_the_mesh_cannot_split(ctx, tmp_path):
   config = ctx.config.copy_and_resolve_references()
   config.rl.prompts_per_step, config.rl.num_minibatches = 3, 1     # 6 rows on data=8
+  config.rl.prompts_per_row = 1
   with pytest.raises(ValueError, match=r"rl.prompts_per_step \* rl.samples_per_prompt = 6 "
                                        r"rows .* change rl.prompts_per_step or "
                                        r"rl.samples_per_prompt, or mesh.shape"):

@@ -215,9 +215,10 @@ class RLTrainer:
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
     self.buckets = batching.default_buckets(
         max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
-    self.group_buckets = batching.default_buckets(max(1, self.prompts_per_row) * (
-        max(map(len, self.prompt_ids)) + rl.samples_per_prompt * config.sampling.max_new_tokens),
-        smallest=64)
+    # Group rows are long and their length varies little: multiples of 64 slots.
+    longest_group_row = max(1, self.prompts_per_row) * (
+        max(map(len, self.prompt_ids)) + rl.samples_per_prompt * config.sampling.max_new_tokens)
+    self.group_buckets = tuple(range(64, longest_group_row + 64, 64))
     self.to_group_rows = jax.jit(to_group_rows, static_argnums=1)
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
@@ -253,7 +254,7 @@ class RLTrainer:
     """This process's rows as rows of prompt groups (`rl.batch.prompt_group_rows`)."""
     return prompt_group_rows(rollouts, tokens, int(self.config.rl.samples_per_prompt),
                              self.prompts_per_row, self.group_buckets, self.process_index,
-                             self._buckets)
+                             self._buckets if self.process_count > 1 else None)
 
   def _device_batch(self, host: Dict[str, np.ndarray]) -> Dict[str, Array]:
     """This process's rows as the step's global batch (split by rows over the mesh)."""
