@@ -94,7 +94,7 @@ def main() -> None:
   parser.add_argument("--baseline", default="rl.prompts_per_row=0",
                       help="comma-separated field=value overrides for the baseline")
   args = parser.parse_args()
-  overrides = lambda text: dict(item.split("=", 1) for item in text.split(",") if item)  # noqa: E731
+  overrides = lambda text: dict(kv.split("=", 1) for kv in text.split(",") if kv)  # noqa: E731
   run_dir = os.path.abspath(args.run_dir)
   for part in ("sft/policy", "prm/model", "tokenizer"):
     if not os.path.isdir(os.path.join(run_dir, part)):

@@ -114,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- PRM training ----------------------------------------------------------------------
   c.prm = ml_collections.ConfigDict()
   c.prm.steps = 300
+  c.prm.checkpoint_every = 100         # steps between PRM checkpoints (a re-run resumes); 0 off
   c.prm.batch_size = 32
   c.prm.learning_rate = 5e-4
   c.prm.loss = "mse"                   # mse (regression to +1/-1) | bce

@@ -351,3 +351,42 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def resume_step(directory: str) -> int:
+  """The step a loop checkpointing into `directory` resumes at (0: no complete step)."""
+  if not os.path.isdir(directory):
+    return 0
+  with Checkpointer(directory, max_to_keep=1, create=False) as ckpt:
+    return 0 if ckpt.latest_step() is None else int(ckpt.restore_meta()["next_step"])
+
+
+def resume_or_start(directory: Optional[str], every: int, state: Any, what: str
+                    ) -> Tuple[Optional[Checkpointer], Any, int]:
+  """(checkpointer, state, first step) of a training loop that saves every `every` steps.
+
+  Without a directory or with `every <= 0`: (None, state, 0), nothing is saved. With a
+  complete checkpoint in `directory`: its state, restored onto `state`'s structure and
+  shardings, and its `next_step` (announced as "[what] resumed from ..."). The loop
+  calls `save_on_schedule` after each step and closes the checkpointer at the end.
+  """
+  if not directory or every <= 0:
+    return None, state, 0
+  checkpointer = Checkpointer(directory, max_to_keep=1)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return checkpointer, state, 0
+  state, meta = checkpointer.restore(latest, target=abstract_target(state))
+  print(f"[{what}] resumed from the checkpoint of step {latest} in {checkpointer.directory}")
+  return checkpointer, state, int(meta["next_step"])
+
+
+def save_on_schedule(checkpointer: Optional[Checkpointer], steps_done: int, every: int,
+                     total: int, state: Any) -> None:
+  """Saves `state` as step `steps_done` when it is a multiple of `every` before `total`
+  (the finished loop saves its result elsewhere); a no-op without a checkpointer."""
+  if checkpointer is not None and steps_done % every == 0 and steps_done < total:
+    checkpointer.save(steps_done, state, {"next_step": steps_done})

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict
 
 import ml_collections
 
-from psgpo_jax import stages
+from psgpo_jax import run_setup, stages
 from psgpo_jax.configuration import stage_list, validate_config
 from psgpo_jax.jsonio import write_json
 
@@ -60,17 +60,17 @@ class RunContext:
 
   @property
   def tokenizer(self):
-    return self._once("tokenizer", lambda: stages.load_run_tokenizer(self.config, self.workdir))
+    return self._once("tokenizer", lambda: run_setup.load_run_tokenizer(self.config, self.workdir))
 
   @property
   def problems(self) -> Dict[str, list]:
     """{"train": [...], "eval": [...]} problems."""
     return self._once("problems",
-                      lambda: stages.load_run_problems(self.config, self.tokenizer))
+                      lambda: run_setup.load_run_problems(self.config, self.tokenizer))
 
   @property
   def model_cfg(self):
-    return self._once("model_cfg", lambda: stages.run_model_config(self.config, self.tokenizer))
+    return self._once("model_cfg", lambda: run_setup.run_model_config(self.config, self.tokenizer))
 
   @property
   def mesh(self):
@@ -92,7 +92,7 @@ class RunContext:
 
   @property
   def sandbox(self):
-    return self._once("sandbox", lambda: stages.make_sandbox(self.config))
+    return self._once("sandbox", lambda: run_setup.make_sandbox(self.config))
 
   def close(self) -> None:
     if "sandbox" in self._cache:

@@ -4,14 +4,13 @@ The loss goes through the shared step builder (`train_step.py`), like PPO and th
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psgpo_jax import batching, train_step
+from psgpo_jax import batching, checkpointing, train_step
 from psgpo_jax.models import CausalLM, ModelConfig
 from psgpo_jax.models.heads import GROUP_ROW_KEYS, row_inputs, shift_right, token_logprobs
 
@@ -108,15 +107,6 @@ def batch_arrays(batch: Dict[str, np.ndarray], mesh: Any = None,
   return sharding.shard_batch(arrays, mesh, rules)
 
 
-def resume_step(checkpoint_dir: str) -> int:
-  """The step `train_sft` resumes at from `checkpoint_dir` (0: no complete checkpoint)."""
-  if not os.path.isdir(checkpoint_dir):
-    return 0
-  from psgpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  with checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, create=False) as ckpt:
-    return 0 if ckpt.latest_step() is None else int(ckpt.restore_meta()["next_step"])
-
-
 def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int,
               learning_rate: float, pad_id: int, seed: int = 0, warmup_steps: int = 0,
               weight_decay: float = 0.0, buckets: Sequence[int] = (), group_size: int = 1,
@@ -141,8 +131,8 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
       (`pack_pairs`): the same loss and gradient with less padding to compute.
     checkpoint_dir, checkpoint_every: with both, the state is saved every
       `checkpoint_every` steps (the latest kept) and a run started again resumes from the
-      latest complete checkpoint (`resume_step`): the same batches and the same result
-      as a run that was never interrupted.
+      latest complete checkpoint (`checkpointing.resume_or_start`): the same batches and
+      the same result as a run that was never interrupted.
     mesh: optional device mesh: params and optimizer state sharded by `rules`
       (`train_step.state_shardings`), rows of each batch split over the `batch` axes
       (`batch_size` must divide evenly: checked first), activations constrained.
@@ -167,15 +157,8 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   update = train_step.gradient_update(make_sft_loss(model_cfg), optimizer)
   state, step_fn = train_step.single_model_step(update, state, CausalLM(model_cfg), optimizer,
                                                 mesh, rules)
-  checkpointer, start = None, 0
-  if checkpoint_dir and checkpoint_every > 0:
-    from psgpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    checkpointer = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      state, meta = checkpointer.restore(latest, target=checkpointing.abstract_target(state))
-      start = int(meta["next_step"])
-      print(f"[sft] resumed from the checkpoint of step {latest} in {checkpointer.directory}")
+  checkpointer, state, start = checkpointing.resume_or_start(checkpoint_dir, checkpoint_every,
+                                                             state, "sft")
   buckets = buckets or batching.default_buckets(max(len(p) + len(r) for p, r in pairs))
   batches = sft_batches(pairs, batch_size, pad_id, buckets, np.random.default_rng(seed),
                         group_size)
@@ -191,8 +174,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
   for step in bar:
     batch = batch_arrays(next(batches), mesh, rules)
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
-    if checkpointer is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-      checkpointer.save(step + 1, state, {"next_step": step + 1})
+    checkpointing.save_on_schedule(checkpointer, step + 1, checkpoint_every, steps, state)
     logged = step % max(1, log_every) == 0 or step == steps - 1
     if logged or step % 20 == 0:
       metrics = jax.device_get(metrics)

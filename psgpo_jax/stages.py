@@ -1,4 +1,4 @@
-"""The pipeline's stages and what they share (tokenizer, problems, models, sandbox).
+"""The pipeline's stages (what a run is built from is in `run_setup.py`).
 
 Each stage function takes `(config, ctx)` (a `pipeline.RunContext`), does its work in
 `ctx.stage_dir(name)` and returns a dict of JSON-able results for `summary.json`.
@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from psgpo_jax import evaluation, sharding
-from psgpo_jax.configuration import ConfigError, model_config
+from psgpo_jax.configuration import ConfigError
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
 
@@ -30,91 +30,6 @@ def stage(name: str):
 
 
 # ----------------------------------------------------------------------------- shared inputs
-
-
-def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-  """The configured tokenizer, or the synthetic suite's BPE (built once in workdir)."""
-  from psgpo_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
-  path = config.tokenizer.path or config.model.path
-  if not path:
-    if config.data.source != "synthetic":
-      raise ConfigError("Set tokenizer.path (or model.path) to a local tokenizer directory: "
-                        "only the synthetic suite builds its own tokenizer.")
-    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    path = synthetic.build_tokenizer(os.path.join(workdir, "tokenizer"), seed=config.seed,
-                                     vocab_size=config.tokenizer.vocab_size)
-  return load_tokenizer(path)
-
-
-def load_run_problems(config: ml_collections.ConfigDict, tokenizer=None) -> Dict[str, list]:
-  """{"train", "eval"} problems of the configured source, in `data.prompt_format`.
-
-  With a tokenizer, prompts longer than `data.max_prompt_tokens` tokens are dropped
-  (counted in the log); the chat format needs it (its chat template).
-  """
-  splits = _load_splits(config)
-  if tokenizer is None:
-    if config.data.get("prompt_format", "plain") != "plain":
-      raise ConfigError("data.prompt_format=chat needs the run's tokenizer (its chat "
-                        "template): pass tokenizer= to load_run_problems.")
-    return splits
-  from psgpo_jax.data import prompts  # pylint: disable=import-outside-toplevel
-  out = {}
-  for name, split in splits.items():
-    split = prompts.format_problems(split, tokenizer, config.data.prompt_format)
-    out[name] = drop_long_prompts(split, tokenizer, config.data.max_prompt_tokens, name)
-  return out
-
-
-def drop_long_prompts(problems: List[Any], tokenizer, max_tokens: int, name: str) -> List[Any]:
-  """The problems whose prompt has at most `max_tokens` tokens; prints how many were not."""
-  from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
-  kept = [p for p in problems if len(encode(tokenizer, p.prompt)) <= max_tokens]
-  if len(kept) < len(problems):
-    print(f"[data] {name}: dropped {len(problems) - len(kept)} of {len(problems)} problems "
-          f"whose prompt is longer than data.max_prompt_tokens={max_tokens} tokens")
-  return kept
-
-
-def _load_splits(config: ml_collections.ConfigDict) -> Dict[str, list]:
-  """{"train", "eval"} problems of the configured source, as loaded."""
-  from psgpo_jax.data import problems as problems_lib  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
-  data = config.data
-  if data.source == "synthetic":
-    horizons = range(data.min_horizon, data.max_horizon + 1)
-    return {"train": synthetic.make_split(config.seed, data.num_train, horizons, "train"),
-            "eval": synthetic.make_split(config.seed + 1, data.num_eval, horizons, "test")}
-  kwargs = {"on_bad_row": data.on_bad_row}
-  train = problems_lib.load_problems(data.source, data.train_path or None, **kwargs)
-  if data.eval_path:
-    return {"train": train,
-            "eval": problems_lib.load_problems(data.source, data.eval_path, **kwargs)}
-  train, held_out = tfds_builders.split_by_hash(train, data.eval_fraction, salt=str(config.seed))
-  return {"train": train, "eval": held_out}
-
-
-def run_model_config(config: ml_collections.ConfigDict, tokenizer):
-  """The policy's ModelConfig: from model.path's config.json, or the config's fields.
-
-  With model.path, config.json gives the architecture and the config's execution-only
-  fields (`ModelConfig.EXECUTION_FIELDS`: remat, attention blocking) still apply.
-  """
-  if config.model.path:
-    from psgpo_jax.models.hf_io import load_hf_config  # pylint: disable=import-outside-toplevel
-    return load_hf_config(config.model.path).with_execution_fields(config.model)
-  cfg = model_config(config.model, vocab_size=len(tokenizer))
-  return cfg.replace(eos_token_id=int(tokenizer.eos_token_id))
-
-
-def make_sandbox(config: ml_collections.ConfigDict):
-  """A warm sandbox pool with the configured limits."""
-  from psgpo_jax.sandbox import Limits, Sandbox  # pylint: disable=import-outside-toplevel
-  limits = Limits(timeout_s=config.sandbox.timeout_s, cpu_s=config.sandbox.timeout_s,
-                  memory_mb=config.sandbox.memory_mb)
-  return Sandbox(num_workers=config.sandbox.num_workers or None, limits=limits,
-                 cache_size=config.sandbox.cache_size)
 
 
 def save_model(path: str, cfg, params, kind: str = "causal_lm") -> str:
@@ -191,11 +106,19 @@ def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
 # ----------------------------------------------------------------------------- stages
 
 
+def _resumable_stage(ctx, name: str):
+  """(checkpoint dir, metrics writer) of a stage whose loop resumes from its checkpoints:
+  the writer keeps the rows of the steps before the one it resumes at."""
+  from psgpo_jax.checkpointing import resume_step  # pylint: disable=import-outside-toplevel
+  checkpoints = os.path.join(ctx.stage_dir(name), "checkpoints")
+  return checkpoints, MetricWriter(ctx.stage_dir(name), keep_before=resume_step(checkpoints))
+
+
 @stage("sft")
 def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """Supervised warm-up on reference solutions (noised on the synthetic suite)."""
   from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.sft import resume_step, train_sft  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sft import train_sft  # pylint: disable=import-outside-toplevel
   train = ctx.problems["train"]
   if config.data.source == "synthetic":
     from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
@@ -207,8 +130,8 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                        "solution to fine-tune on; drop 'sft' from --config.stages.")
   eos = ctx.tokenizer.eos_token_id
   token_pairs = [(encode(ctx.tokenizer, p), encode(ctx.tokenizer, r) + [eos]) for p, r in pairs]
-  checkpoints = os.path.join(ctx.stage_dir("sft"), "checkpoints")
-  with MetricWriter(ctx.stage_dir("sft"), keep_before=resume_step(checkpoints)) as writer:
+  checkpoints, writer = _resumable_stage(ctx, "sft")
+  with writer:
     params, metrics = train_sft(
         initial_policy(ctx), ctx.model_cfg, token_pairs, steps=config.sft.steps,
         batch_size=config.sft.batch_size, learning_rate=config.sft.learning_rate,
@@ -349,12 +272,14 @@ def run_prm(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                      "collect.selection=failed|all.")
   out_dir = ctx.stage_dir("prm")
   max_len = config.data.max_prompt_tokens + config.sampling.max_new_tokens + 1
-  with MetricWriter(out_dir, keep_before=0) as writer:        # PRM training restarts
+  checkpoints, writer = _resumable_stage(ctx, "prm")
+  with writer:
     params, metrics = prm_train.train_prm(
         sft_policy(ctx), ctx.model_cfg, ctx.tokenizer, rows,
         prm_train.PRMTrainConfig.from_config(config, max_len=max_len), out_dir,
         ctx.tokenizer.pad_token_id, seed=config.seed, mesh=ctx.mesh, rules=ctx.rules,
-        writer=writer, show_progress=config.logging.progress)
+        writer=writer, show_progress=config.logging.progress, checkpoint_dir=checkpoints,
+        checkpoint_every=config.prm.checkpoint_every)
   save_model(os.path.join(out_dir, "model"), ctx.model_cfg, params, "scalar")
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

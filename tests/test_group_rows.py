@@ -56,8 +56,10 @@ def test_maps_put_every_token_where_its_row_has_it(num_rows):
   real = g["group_branch"] >= 0
   assert g["group_tokens"].shape[0] == num_rows
   assert real.sum() == sum(rows["prompt_lengths"][::SAMPLES]) + rows["response_lengths"].sum()
-  np.testing.assert_array_equal(g["group_tokens"][real], tokens.reshape(-1)[g["group_to_packed"][real]])
-  np.testing.assert_array_equal(g["group_tokens"].reshape(-1)[g["group_to_rows"]][mask], tokens[mask])
+  np.testing.assert_array_equal(g["group_tokens"][real],
+                                tokens.reshape(-1)[g["group_to_packed"][real]])
+  np.testing.assert_array_equal(g["group_tokens"].reshape(-1)[g["group_to_rows"]][mask],
+                                tokens[mask])
   columns = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
   np.testing.assert_array_equal(g["group_positions"].reshape(-1)[g["group_to_rows"]][mask],
                                 columns[mask])

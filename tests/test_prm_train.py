@@ -14,6 +14,9 @@ from psgpo_jax import batching
 from psgpo_jax.data import synthetic
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.prm import labeling as lab
+from psgpo_jax.prm import batches as prm_batches
+from psgpo_jax.prm import metrics as prm_metrics_lib
+from psgpo_jax.prm import scoring as prm_scoring
 from psgpo_jax.prm import train as prm
 from psgpo_jax.tokenization import line_spans, load_tokenizer
 from tolerances import ADAM_EPS, adam_param_atol
@@ -61,15 +64,15 @@ def test_auroc_equals_brute_force_pair_count_with_ties(seed):
   scores = rng.integers(0, 6, size=n).astype(float)   # many ties
   pos = rng.random(n) < 0.4
   pos[0], pos[1] = True, False
-  assert prm.auroc(pos, scores) == pytest.approx(_pair_auroc(pos, scores))
-  assert prm.auroc(pos, -scores) == pytest.approx(1.0 - _pair_auroc(pos, scores))
-  assert np.isnan(prm.auroc(np.ones(3, bool), [0.1, 0.2, 0.3]))
+  assert prm_metrics_lib.auroc(pos, scores) == pytest.approx(_pair_auroc(pos, scores))
+  assert prm_metrics_lib.auroc(pos, -scores) == pytest.approx(1.0 - _pair_auroc(pos, scores))
+  assert np.isnan(prm_metrics_lib.auroc(np.ones(3, bool), [0.1, 0.2, 0.3]))
 
 
 def test_calibration_bins_and_ece():
   probs = [0.05, 0.15, 0.15, 0.95, 1.0]
   outcomes = [False, True, False, True, True]
-  cal = prm.calibration(probs, outcomes, num_bins=10)
+  cal = prm_metrics_lib.calibration(probs, outcomes, num_bins=10)
   counts = [b["count"] for b in cal["bins"]]
   assert counts == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
   assert cal["bins"][1]["positive_rate"] == 0.5
@@ -86,7 +89,7 @@ def test_prm_metrics_first_error_localisation_and_oracle():
   scores = [[0.9, -0.9, 0.2, -0.5, -0.8],   # trivial line 1 is ignored: first below = 3
             [0.5, 0.1, 0.3],                # nothing below 0: predicts no error
             [0.4, -0.2]]                    # false alarm at line 1
-  m = prm.prm_metrics(rows, scores, threshold=0.0)
+  m = prm_metrics_lib.prm_metrics(rows, scores, threshold=0.0)
   assert m["lines"] == 9
   assert m["first_error_accuracy"] == pytest.approx(1 / 3)
   assert m["line_accuracy"] == pytest.approx(7 / 9)
@@ -95,7 +98,7 @@ def test_prm_metrics_first_error_localisation_and_oracle():
       [True, True, False, False, True, True, False, True, True],
       [0.9, 0.2, -0.5, -0.8, 0.5, 0.1, 0.3, 0.4, -0.2]))
   # Truncated scores (a row longer than max_len) use only the scored lines.
-  m = prm.prm_metrics(rows[:1], [[0.9, -0.9, 0.2]])
+  m = prm_metrics_lib.prm_metrics(rows[:1], [[0.9, -0.9, 0.2]])
   assert m["lines"] == 2 and m["first_error_accuracy"] == 1.0
 
 
@@ -126,7 +129,7 @@ def test_batches_put_labels_on_the_newline_tokens(tokenizer):
   problems = synthetic.make_split(0, 4, range(3, 6))
   rows = _oracle_rows(problems, 1)
   rows[0]["line_used"] = [1] + [0] * (len(rows[0]["line_labels"]) - 1)
-  batches = prm.make_prm_batches(rows, tokenizer, max_len=256, batch_size=3,
+  batches = prm_batches.make_prm_batches(rows, tokenizer, max_len=256, batch_size=3,
                                  pad_id=tokenizer.pad_token_id)
   # Rows are padded to the smallest default bucket that holds the batch's longest row.
   buckets = batching.default_buckets(256)
@@ -151,9 +154,10 @@ def test_batches_put_labels_on_the_newline_tokens(tokenizer):
 
 def test_lines_sharing_an_end_token_take_the_code_lines_label():
   # "x\n\n" as one token: the code line and the blank line after it end together.
-  example = prm.PRMExample(prompt_ids=(5, 6), response_ids=(7, 8, 9), line_ends=(0, 1, 1, 2),
-                           labels=(1, -1, 0, -1), used=(1, 1, 1, 1), row=0)
-  batch = prm.pack_examples([example], pad_id=0, buckets=(8,), batch_size=2)
+  example = prm_batches.PRMExample(prompt_ids=(5, 6), response_ids=(7, 8, 9),
+                                   line_ends=(0, 1, 1, 2), labels=(1, -1, 0, -1),
+                                   used=(1, 1, 1, 1), row=0)
+  batch = prm_batches.pack_examples([example], pad_id=0, buckets=(8,), batch_size=2)
   assert batch["line_end_mask"][0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
   assert batch["targets"][0].tolist() == [0, 0, 1, -1, -1, 0, 0, 0]
   assert batch["row_index"].tolist() == [0, -1]
@@ -162,11 +166,11 @@ def test_lines_sharing_an_end_token_take_the_code_lines_label():
 def test_row_line_ends_match_tokenization_line_spans(tokenizer):
   rows = _oracle_rows(synthetic.make_split(1, 3, range(4, 7)), 1)
   for row in rows:
-    prompt_ids = prm.encode(tokenizer, row["prompt"])
-    response_ids = prm.encode(tokenizer, row["response"])
+    prompt_ids = prm_batches.encode(tokenizer, row["prompt"])
+    response_ids = prm_batches.encode(tokenizer, row["response"])
     spans = line_spans(tokenizer, prompt_ids, response_ids)
     assert spans.num_lines == len(lab.split_lines(row["response"]))
-    assert prm.line_end_indices(tokenizer, prompt_ids, response_ids) == \
+    assert prm_batches.line_end_indices(tokenizer, prompt_ids, response_ids) == \
         spans.end_token.tolist()
 
 
@@ -181,10 +185,10 @@ def test_score_is_the_scalar_output_at_line_ends_and_zero_elsewhere():
   line_end = jnp.zeros((2, 10), jnp.int32).at[0, 3].set(1).at[0, 9].set(1).at[1, 6].set(1)
   batch = {"tokens": tokens, "attention_mask": mask, "line_end_mask": line_end}
   raw = ScalarModel(cfg).apply({"params": params}, tokens, attention_mask=mask)
-  out = prm.make_score_fn(cfg)(params, batch)
+  out = prm_scoring.make_score_fn(cfg)(params, batch)
   assert out.shape == (2, 10) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, np.where(line_end, raw, 0.0), rtol=1e-6)
-  out_bce = prm.make_score_fn(cfg, "bce")(params, batch)
+  out_bce = prm_scoring.make_score_fn(cfg, "bce")(params, batch)
   np.testing.assert_allclose(out_bce, np.where(line_end, 2 * jax.nn.sigmoid(raw) - 1, 0.0),
                              rtol=1e-5, atol=1e-6)
 
@@ -262,15 +266,15 @@ def test_train_prm_on_a_mesh_matches_single_device(tokenizer, tmp_path):
 
 
 def test_train_batches_are_full_and_cover_every_example():
-  examples = [prm.PRMExample((1,), (2, 3), (1,), (1,), (1,), i) for i in range(7)]
-  batches = prm.train_batches(examples, 3, 0, (8,), np.random.default_rng(0))
+  examples = [prm_batches.PRMExample((1,), (2, 3), (1,), (1,), (1,), i) for i in range(7)]
+  batches = prm_batches.train_batches(examples, 3, 0, (8,), np.random.default_rng(0))
   seen = []
   for _ in range(14):                   # 7 epochs of 2 full batches each
     rows = next(batches)["row_index"].tolist()
     assert -1 not in rows and len(set(rows)) == 3
     seen += rows
   assert set(seen) == set(range(7))
-  small = prm.train_batches(examples[:2], 4, 0, (8,), np.random.default_rng(0))
+  small = prm_batches.train_batches(examples[:2], 4, 0, (8,), np.random.default_rng(0))
   assert sorted(next(small)["row_index"].tolist()) == [-1, -1, 0, 1]
 
 
@@ -280,3 +284,24 @@ def test_position_baseline_scores_each_line_by_its_index_mean():
   assert position_means(train) == pytest.approx([1.0, 0.0, 0.0, -1.0])
   assert position_scores(train, [{"line_labels": [1, 1, 1, 1, 1]}, {"line_labels": []}]) == \
       [[1.0, 0.0, 0.0, -1.0, -1.0], []]
+
+
+def test_train_prm_resumes_from_its_checkpoint_to_the_same_params(tokenizer, tmp_path,
+                                                                  capsys):
+  """A run that finds a checkpoint (step 3 of 6) continues from it, with the batches and
+  step keys of the uninterrupted run, and ends with its params."""
+  rows = _oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
+  cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
+  policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  config = prm.PRMTrainConfig(steps=6, batch_size=4, learning_rate=1e-3, max_len=128,
+                              eval_fraction=0.0, eval_train_rows=0)
+  ckpt = str(tmp_path / "checkpoints")
+  run = lambda out: prm.train_prm(policy, cfg, tokenizer, rows, config,   # noqa: E731
+                                  str(tmp_path / out), pad_id=tokenizer.pad_token_id,
+                                  show_progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+  whole, _ = run("whole")                 # leaves the checkpoint of step 3
+  assert os.listdir(ckpt) == ["3"]
+  resumed, _ = run("resumed")
+  assert "[prm] resumed from the checkpoint of step 3" in capsys.readouterr().out
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)

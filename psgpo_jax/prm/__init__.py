@@ -1,4 +1,6 @@
-"""Process reward model: binary-search line labels (`labeling`) and PRM training (`train`).
+"""Process reward model: binary-search line labels (`labeling`), PRM examples and batches
+(`batches`), training (`train`), held-out metrics (`metrics`), line-end scores (`scoring`)
+and the trivial predictors it must beat (`baselines`).
 
     from psgpo_jax import prm
     stats = prm.collect_labels(policy_params, model_cfg, tokenizer, problems, config,
@@ -12,9 +14,10 @@ from psgpo_jax.prm.labeling import (LabelingConfig, PolicyProbe, PrefixJob, Sear
                                     balance_lines, collect_labels, label_agreement_by_k,
                                     label_batch, label_lines, load_labels, new_search,
                                     next_probe, run_collection, select_rows, update)
-from psgpo_jax.prm.train import (PRMTrainConfig, auroc, evaluate_prm, make_prm_batches,
-                                 make_prm_loss, make_score_fn, prm_metrics, prm_objective,
-                                 score, train_prm)
+from psgpo_jax.prm.batches import make_prm_batches
+from psgpo_jax.prm.metrics import auroc, evaluate_prm, prm_metrics
+from psgpo_jax.prm.scoring import make_score_fn, score
+from psgpo_jax.prm.train import PRMTrainConfig, make_prm_loss, prm_objective, train_prm
 
 __all__ = [
     "LabelingConfig", "PRMTrainConfig", "PolicyProbe", "PrefixJob", "SearchState", "auroc",

@@ -17,7 +17,7 @@ from psgpo_jax import sharding, train_step
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.models import scalar_params_from_causal
 from psgpo_jax.models.heads import GROUP_ROW_KEYS, row_inputs
-from psgpo_jax.prm import train as prm_train
+from psgpo_jax.prm import scoring as prm_scoring
 from psgpo_jax.rl import advantages as advantages_lib
 from psgpo_jax.rl import ppo, rewards
 
@@ -68,7 +68,7 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
 
   `params` is {'policy', 'ref'[, 'value'][, 'prm']}; outputs `old_logprobs`,
   `ref_logprobs`, `values` (aligned as in `rl.ppo`; zeros without a value model) and
-  `prm_scores` (`prm.train.score`: the PRM's output at each line-end token on the
+  `prm_scores` (`prm.scoring.score`: the PRM's output at each line-end token on the
   [-1, 1] label scale, 0 elsewhere) when `with_prm`. When the batch also holds its rows
   as prompt groups (`group_*` fields, `GROUP_FIELDS`), the forwards run on those (each
   prompt computed once) and the outputs are gathered back to the [B, T] rows. With a
@@ -94,7 +94,7 @@ def make_scorer(model_cfg: ModelConfig, temperature: float, with_prm: bool,
     if with_prm:
       outputs = scalar.apply({"params": params["prm"]}, tokens, attention_mask=attention,
                              positions=positions)
-      out["prm_scores"] = prm_train.line_end_scores(back(outputs), batch["line_end_mask"],
+      out["prm_scores"] = prm_scoring.line_end_scores(back(outputs), batch["line_end_mask"],
                                                     prm_loss)
     return out
 
