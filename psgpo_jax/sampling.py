@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,9 @@ from psgpo_jax.fields import checked_fields
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM, check_length
 from psgpo_jax.models.transformer import default_positions, init_cache
+from psgpo_jax.stop_strings import (StopMatcher, common_prefix_len, decode_fn,
+                                    fewest_tokens_covering, token_texts)
+from psgpo_jax.token_sampling import sample_tokens
 
 Array = jax.Array
 
@@ -157,244 +160,6 @@ class SampleOutput:
   finish_reason: List[str]
   texts: Optional[List[str]]
   prompt_index: np.ndarray
-
-
-# ------------------------------------------------------------------- token sampling --
-
-
-def _inverse_cdf(weights: Array, u: Array) -> Array:
-  """Index drawn with probability proportional to `weights` by inverting the CDF.
-
-  Args:
-    weights: [B, K] non-negative, unnormalised, at least one positive per row.
-    u: [B] uniform in [0, 1).
-  Returns:
-    [B] int32 indices; never one of zero weight.
-  """
-  cdf = jnp.cumsum(weights, axis=-1)
-  threshold = u * cdf[:, -1]
-  index = jnp.sum(cdf <= threshold[:, None], axis=-1).astype(jnp.int32)
-  index = jnp.minimum(index, weights.shape[-1] - 1)
-  # Rounding in the cumulative sum can only land on a zero weight in measure-zero cases;
-  # fall back to the most likely entry then rather than emit an impossible token.
-  picked = jnp.take_along_axis(weights, index[:, None], axis=-1)[:, 0]
-  return jnp.where(picked > 0, index, jnp.argmax(weights, axis=-1).astype(jnp.int32))
-
-
-def _nucleus_threshold(probs: Array, top_p: float) -> Array:
-  """Smallest kept probability of the top-p nucleus, found by bisection, no sort.
-
-  The nucleus is {i: probs_i >= tau} with tau the largest value such that the tokens at
-  or above it hold at least `top_p` of the mass. Bisection runs over the int32 bit
-  patterns of non-negative float32 (ordered like the floats), so 32 steps are exact.
-
-  Args:
-    probs: [B, V] normalised probabilities.
-    top_p: in (0, 1).
-  Returns:
-    [B] float32 thresholds.
-  """
-  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
-  lo = jnp.zeros(probs.shape[:1], jnp.int32)               # mass(>= 0) = 1 >= top_p
-  hi = jnp.max(bits, axis=-1) + 1                          # mass(> max) = 0 < top_p
-
-  def step(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    mass = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1)
-    ok = mass >= top_p
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
-
-
-def sample_tokens(logits: Array, u: Array, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, greedy: bool = False) -> Tuple[Array, Array]:
-  """Draws one token per row and returns its log-prob under the unfiltered policy.
-
-  Args:
-    logits: [B, V] float32.
-    u: [B] uniform in [0, 1), the only randomness (inverse-CDF sampling).
-    temperature, top_k, top_p, greedy: as in `SamplingConfig` (static).
-  Returns:
-    tokens [B] int32 and logprobs [B] float32 = log_softmax(logits / temperature)[token]
-    (temperature 1 when greedy), without top-k/top-p renormalisation.
-  """
-  logits = logits.astype(jnp.float32)
-  if greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits
-  else:
-    scaled = logits / temperature
-  peak = jnp.max(scaled, axis=-1, keepdims=True)
-  shifted = scaled - peak
-  weights = jnp.exp(shifted)                               # unnormalised probabilities
-  log_total = jnp.log(jnp.sum(weights, axis=-1))           # [B]
-  if not greedy:
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-      top_vals, top_idx = jax.lax.top_k(shifted, top_k)    # sorted, descending
-      top_w = jnp.exp(top_vals)
-      if top_p < 1.0:
-        probs = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        top_w = jnp.where(mass_before < top_p, top_w, 0.0)
-      tokens = jnp.take_along_axis(top_idx, _inverse_cdf(top_w, u)[:, None], axis=-1)[:, 0]
-    else:
-      if top_p < 1.0:
-        probs = weights / jnp.exp(log_total)[:, None]
-        tau = _nucleus_threshold(probs, top_p)
-        weights = jnp.where(probs >= tau[:, None], weights, 0.0)
-      tokens = _inverse_cdf(weights, u)
-  token_shift = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
-  return tokens.astype(jnp.int32), token_shift - log_total
-
-
-# ------------------------------------------------------------------- stop strings --
-
-
-class StopMatcher:
-  """Aho-Corasick automaton over characters for a set of stop strings.
-
-  States are trie nodes (0 = nothing matched); `match_state` is absorbing and means a
-  stop string has been completed. `token_table` lifts the automaton to tokens: entry
-  [state, token] is the state after reading that token's text.
-  """
-
-  def __init__(self, stop_strings: Sequence[str]):
-    self.stop_strings = tuple(stop_strings)
-    alphabet = sorted({ch for s in self.stop_strings for ch in s})
-    self.char_class = {ch: i + 1 for i, ch in enumerate(alphabet)}   # 0 = any other char
-    children: List[Dict[str, int]] = [{}]
-    terminal = [False]
-    for s in self.stop_strings:
-      node = 0
-      for ch in s:
-        if ch not in children[node]:
-          children.append({})
-          terminal.append(False)
-          children[node][ch] = len(children) - 1
-        node = children[node][ch]
-      terminal[node] = True
-    num_nodes = len(children)
-    self.match_state = num_nodes
-    fail = [0] * num_nodes
-    output = list(terminal)
-    order, queue = [], collections.deque([0])
-    while queue:                                           # breadth-first: fail links
-      node = queue.popleft()
-      order.append(node)
-      for ch, child in children[node].items():
-        if node:
-          f = fail[node]
-          while f and ch not in children[f]:
-            f = fail[f]
-          fail[child] = children[f].get(ch, 0)
-        output[child] = output[child] or output[fail[child]]
-        queue.append(child)
-    delta = np.zeros((num_nodes + 1, len(alphabet) + 1), np.int32)
-    for node in order:                                     # parents before children
-      for ch, cls in self.char_class.items():
-        if ch in children[node]:
-          nxt = children[node][ch]
-        else:
-          nxt = delta[fail[node], cls] if node else 0
-        delta[node, cls] = nxt
-    delta[self.match_state] = self.match_state
-    self.goto = delta.copy()                               # trie moves, matches not absorbed
-    delta = np.where(np.asarray(output + [True])[delta], self.match_state, delta)
-    self.delta = delta                                     # [num_states, num_classes]
-
-  @property
-  def num_states(self) -> int:
-    return self.delta.shape[0]
-
-  def feed(self, state: int, text: str) -> int:
-    """The state after reading `text` from `state`."""
-    for ch in text:
-      state = int(self.delta[state, self.char_class.get(ch, 0)])
-    return state
-
-  def resume_state(self, text: str) -> int:
-    """The state after `text` with the stop strings completed inside it ignored.
-
-    The initial state of a row that continues the partial response `text`: only stop
-    strings that end in new tokens count.
-    """
-    state = 0
-    for ch in text:
-      state = int(self.goto[state, self.char_class.get(ch, 0)])
-    return state
-
-  def token_table(self, token_texts: Sequence[str]) -> np.ndarray:
-    """[num_states, V] int32: the state after reading each token's text from each state."""
-    vocab = len(token_texts)
-    lengths = np.array([len(t) for t in token_texts], np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    table = np.broadcast_to(np.arange(self.num_states, dtype=np.int32)[:, None],
-                            (self.num_states, vocab)).copy()
-    for pos in range(int(lengths.max(initial=0))):
-      active = order[:int(np.sum(lengths > pos))]          # tokens with a char at `pos`
-      classes = np.array([self.char_class.get(token_texts[t][pos], 0) for t in active],
-                         np.int32)
-      table[:, active] = self.delta[table[:, active], classes[None, :]]
-    return table
-
-  def first_stop(self, text: str, start: int = 0) -> Optional[int]:
-    """Start of the first completed stop string ending after `start`, or None.
-
-    "First completed" is the occurrence with the smallest end (ties: the longest), which
-    is where the on-device automaton stops.
-    """
-    best = None
-    for s in self.stop_strings:
-      i = text.find(s, max(0, start - len(s) + 1))
-      if i >= 0:
-        key = (i + len(s), i)
-        best = key if best is None or key < best else best
-    return None if best is None else best[1]
-
-  def stop_end(self, text: str, start: int) -> int:
-    """End of the stop string `first_stop` found at `start`: the shortest one occurring
-    there (the first completed); `start` itself if none does."""
-    return start + min((len(s) for s in self.stop_strings if text.startswith(s, start)),
-                       default=0)
-
-
-def _decode_fn(tokenizer) -> Callable[[Sequence[int]], str]:
-  return lambda ids: tokenizer.decode([int(i) for i in ids])
-
-
-def _batch_decode(tokenizer, batch: List[List[int]]) -> List[str]:
-  if hasattr(tokenizer, "batch_decode"):
-    return list(tokenizer.batch_decode(batch))
-  if hasattr(tokenizer, "decode_batch"):
-    return list(tokenizer.decode_batch(batch))
-  return [tokenizer.decode(ids) for ids in batch]
-
-
-def token_texts(tokenizer, vocab_size: int) -> List[str]:
-  """The text each token adds when appended to a sequence, for ids [0, vocab_size).
-
-  Decoded after an anchor token so that decoders which strip a leading space at the
-  start of a text (SentencePiece) keep it. Ids the tokenizer does not know give "".
-  """
-  anchor: List[int] = []
-  try:
-    encoded = tokenizer.encode("a", add_special_tokens=False)
-    anchor = list(getattr(encoded, "ids", encoded))
-  except Exception:  # a tokenizer without encode: plain per-token decoding
-    anchor = []
-  known = len(tokenizer) if hasattr(tokenizer, "__len__") else vocab_size
-  ids = list(range(min(known, vocab_size)))
-  if anchor:
-    base = tokenizer.decode(anchor)
-    texts = _batch_decode(tokenizer, [anchor + [i] for i in ids])
-    texts = [t[len(base):] if t.startswith(base) else t for t in texts]
-  else:
-    texts = _batch_decode(tokenizer, [[i] for i in ids])
-  return texts + [""] * (vocab_size - len(ids))
 
 
 # ---------------------------------------------------------------------- bucketing --
@@ -585,7 +350,7 @@ class Sampler:
         use_stop=self.matcher is not None,
         stop_match_state=self.matcher.match_state if self.matcher else -1,
         pad_id=int(config.pad_id))
-    self._decode = _decode_fn(tokenizer) if tokenizer is not None else None
+    self._decode = decode_fn(tokenizer) if tokenizer is not None else None
 
   @property
   def data_size(self) -> int:
@@ -680,17 +445,17 @@ class Sampler:
       if self._decode is not None:
         prefix, prefix_text = prefixes[i], prefix_texts[i]
         full = self._decode(prefix + body)
-        base = _common_prefix_len(full, prefix_text)
+        base = common_prefix_len(full, prefix_text)
         cut = self.matcher.first_stop(full, base) if self.matcher is not None else None
         if cut is not None:
           target = full[:cut]
-          keep = _fewest_tokens_covering(self._decode, prefix, body, target)
+          keep = fewest_tokens_covering(self._decode, prefix, body, target)
           kept, body, reasons[i] = body[:keep], body[:keep], FINISH_STOP
           if keep == 0 and not prefix:
             # A fresh response that is only its stop string: its text is empty, but the
             # tokens that wrote the stop stay, so that RL sees (and rewards) the choice
             # to stop at once; a response of no tokens would get no outcome at all.
-            kept = generated[:max(1, _fewest_tokens_covering(
+            kept = generated[:max(1, fewest_tokens_covering(
                 self._decode, prefix, generated, full[:self.matcher.stop_end(full, cut)]))]
         texts.append(self._decode(prefix + body)[base:] if body else "")
       lengths[i] = len(kept)
@@ -701,28 +466,6 @@ class Sampler:
         tokens=tokens, logprobs=logprobs, mask=mask, lengths=lengths,
         finish_reason=[FINISH_REASONS[r] for r in reasons], texts=texts,
         prompt_index=(np.arange(rows) // self.config.num_samples).astype(np.int32))
-
-
-def _common_prefix_len(a: str, b: str) -> int:
-  """Length of the longest common prefix of two strings."""
-  if a.startswith(b):
-    return len(b)
-  i = 0
-  while i < min(len(a), len(b)) and a[i] == b[i]:
-    i += 1
-  return i
-
-
-def _fewest_tokens_covering(decode, prefix: List[int], body: List[int], target: str) -> int:
-  """Smallest k such that decode(prefix + body[:k]) starts with `target` (bisection)."""
-  lo, hi = 0, len(body)
-  while lo < hi:
-    mid = (lo + hi) // 2
-    if decode(prefix + body[:mid]).startswith(target):
-      hi = mid
-    else:
-      lo = mid + 1
-  return lo
 
 
 _SAMPLERS: "collections.OrderedDict[tuple, Sampler]" = collections.OrderedDict()

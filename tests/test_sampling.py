@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerFast
 
 from psgpo_jax import sampling
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
-from psgpo_jax.sampling import SamplingConfig, StopMatcher, generate, sample_tokens
+from psgpo_jax.sampling import SamplingConfig, generate
+from psgpo_jax.stop_strings import StopMatcher
+from psgpo_jax.token_sampling import sample_tokens
 
 M = 24                                     # new tokens per row
 # Shared buckets keep the number of compiled shapes small: most calls are [4, 32].
