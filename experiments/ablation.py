@@ -215,7 +215,7 @@ def horizon_gain_slope(table_rows: Mapping[str, Sequence[Dict[str, Any]]], a: st
 
 def write_plots(runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str) -> Dict[str, str]:
   """best_of_k.png, pass_by_horizon.png and training_monitors.png in `out_dir`."""
-  from psgpo_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from psgpo_jax import eval_plots  # pylint: disable=import-outside-toplevel
   from psgpo_jax.stages import TRAINING_PLOT_KEYS  # pylint: disable=import-outside-toplevel
   first = next(iter(runs.values()))
   curves = {"SFT policy": mean_curve([r["report"]["before"]["best_of_k"] for r in first])}
@@ -226,10 +226,10 @@ def write_plots(runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str) -> D
   horizons = {"SFT policy": as_rows(by_horizon(first, "before"))}
   horizons.update({LABELS[s]: as_rows(by_horizon(rows)) for s, rows in runs.items()})
   return {
-      "best_of_k": evaluation.plot_best_of_k(
+      "best_of_k": eval_plots.plot_best_of_k(
           curves, os.path.join(out_dir, "best_of_k.png"),
           title="Best-of-K on held-out problems (mean over seeds)"),
-      "by_horizon": evaluation.plot_pass_by_length(
+      "by_horizon": eval_plots.plot_pass_by_length(
           horizons, os.path.join(out_dir, "pass_by_horizon.png"),
           xlabel="horizon (solution lines)", title="pass@1 by horizon (mean over seeds)"),
       "monitors": _plot_monitors(runs, TRAINING_PLOT_KEYS,

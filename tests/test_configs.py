@@ -103,7 +103,7 @@ def test_every_base_field_is_read_by_some_code_path():
   path somewhere in the package, the experiments or the benchmarks."""
   from configs import base  # pylint: disable=import-outside-toplevel
   from psgpo_jax.configuration import field_paths  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.prm.labeling import LabelingConfig  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.labeler import LabelingConfig  # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.train import PRMTrainConfig  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.ppo import PPOConfig  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.rewards import RewardConfig  # pylint: disable=import-outside-toplevel

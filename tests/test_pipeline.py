@@ -36,6 +36,8 @@ def test_every_stage_runs_and_reports(tiny_run):
   assert list(summary) == STAGES
   for label in ("before", "after"):
     assert 0.0 <= summary["eval"][f"{label}.pass@1"] <= 1.0
+    # Best-of-2 by the PRM's pick: at most the oracle's pick (pass@2).
+    assert 0.0 <= summary["eval"][f"{label}.prm_best_of_2"] <= summary["eval"][f"{label}.pass@2"]
   assert summary["collect"]["responses"] == 16            # 8 prompts x 2 responses
   assert summary["prm"]["steps"] == 5
   assert "after.pass@1" in stdout                         # the printed summary table

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from psgpo_jax.prm import labeling as lab
+from psgpo_jax.lines import is_trivial_line, split_lines
+from psgpo_jax.prm import collect, labeler, search, select, shards
 
 
 # ----------------------------------------------------------------------------- lines
@@ -18,22 +19,22 @@ from psgpo_jax.prm import labeling as lab
 def test_split_lines_keeps_text_and_counts_lines():
   for text, count in [("", 0), ("a", 1), ("a\n", 1), ("a\nb", 2), ("a\n\nb\n", 3),
                       ("\n", 1), ("a\n\n", 2)]:
-    lines = lab.split_lines(text)
+    lines = split_lines(text)
     assert "".join(lines) == text
     assert len(lines) == count
     assert all(l.endswith("\n") for l in lines[:-1])
 
 
 def test_trivial_lines_and_prefix_ends_at_step_line():
-  lines = lab.split_lines("    a = x\n\n    # note\n    b = a\n    return b\n")
-  trivial = [lab.is_trivial_line(l) for l in lines]
+  lines = split_lines("    a = x\n\n    # note\n    b = a\n    return b\n")
+  trivial = [is_trivial_line(l) for l in lines]
   assert trivial == [False, True, True, False, False]
-  steps = lab.step_line_indices(trivial, skip_trivial_lines=True)
+  steps = search.step_line_indices(trivial, skip_trivial_lines=True)
   assert steps == [0, 3, 4]
-  assert lab.prefix_text(lines, steps, 0) == ""
-  assert lab.prefix_text(lines, steps, 1) == "    a = x\n"
-  assert lab.prefix_text(lines, steps, 2) == "    a = x\n\n    # note\n    b = a\n"
-  assert lab.step_line_indices(trivial, skip_trivial_lines=False) == [0, 1, 2, 3, 4]
+  assert search.prefix_text(lines, steps, 0) == ""
+  assert search.prefix_text(lines, steps, 1) == "    a = x\n"
+  assert search.prefix_text(lines, steps, 2) == "    a = x\n\n    # note\n    b = a\n"
+  assert search.step_line_indices(trivial, skip_trivial_lines=False) == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- search
@@ -45,14 +46,14 @@ def test_binary_search_equals_linear_scan_for_every_monotone_prefix_function(n):
   # Monotone: prefixes shorter than t are correct, t and longer fail (prefix n fails).
   for t in range(1, max(n, 1) + 1):
     correct = lambda m, t=t: m < t
-    first, probes = lab.search_first_bad(n, correct)
-    linear_first, linear_probes = lab.linear_first_bad(n, correct)
+    first, probes = search.search_first_bad(n, correct)
+    linear_first, linear_probes = search.linear_first_bad(n, correct)
     assert first == linear_first == (t - 1 if n else 0)
     assert probes <= math.ceil(math.log2(n + 1))
-    assert probes <= lab.max_probes(n)
+    assert probes <= search.max_probes(n)
     assert linear_probes <= max(n - 1, 0)
     worst = max(worst, probes)
-  assert worst == lab.max_probes(n)  # the bound is tight
+  assert worst == search.max_probes(n)  # the bound is tight
 
 
 @pytest.mark.parametrize("n", range(1, 11))
@@ -61,27 +62,27 @@ def test_binary_search_finds_a_boundary_for_any_prefix_function(n):
   # bad step is correct (or empty) and the one that includes it fails.
   for bits in itertools.product([False, True], repeat=n - 1):
     correct_table = (True,) + bits + (False,)
-    first, probes = lab.search_first_bad(n, lambda m: correct_table[m])
+    first, probes = search.search_first_bad(n, lambda m: correct_table[m])
     assert correct_table[first] and not correct_table[first + 1]
-    assert probes <= lab.max_probes(n)
+    assert probes <= search.max_probes(n)
 
 
 def test_update_rejects_a_probe_outside_the_interval():
-  state = lab.new_search(8)
-  assert lab.next_probe(state) == 4
-  state = lab.update(state, 4, passes=3)
+  state = search.new_search(8)
+  assert search.next_probe(state) == 4
+  state = search.update(state, 4, passes=3)
   assert (state.lo, state.hi) == (4, 8)
   assert state.trace == ((4, 3),)
   with pytest.raises(ValueError):
-    lab.update(state, 2, passes=0)
+    search.update(state, 2, passes=0)
 
 
 def test_label_lines_marks_trivial_lines_zero():
   trivial = [False, True, False, False, True, False]
-  assert lab.label_lines(trivial, None) == [1, 0, 1, 1, 0, 1]
-  assert lab.label_lines(trivial, 2) == [1, 0, 1, -1, 0, -1]
-  assert lab.label_lines(trivial, 0) == [-1, 0, -1, -1, 0, -1]
-  assert lab.label_lines(trivial, 2, skip_trivial_lines=False) == [1, 1, -1, -1, -1, -1]
+  assert search.label_lines(trivial, None) == [1, 0, 1, 1, 0, 1]
+  assert search.label_lines(trivial, 2) == [1, 0, 1, -1, 0, -1]
+  assert search.label_lines(trivial, 0) == [-1, 0, -1, -1, 0, -1]
+  assert search.label_lines(trivial, 2, skip_trivial_lines=False) == [1, 1, -1, -1, -1, -1]
 
 
 # ----------------------------------------------------------------------------- batches
@@ -114,8 +115,8 @@ def test_label_batch_advances_all_searches_together_and_matches_linear_scan():
   thresholds = [1, 2, 3, 9, 1, 99, 1]
   problems = [f"p{i}" for i in range(len(responses))]
   calls = []
-  config = lab.LabelingConfig(completions=5, skip_trivial_lines=True)
-  rows = lab.label_batch(problems, responses, passed, _threshold_probe(thresholds, calls),
+  config = labeler.LabelingConfig(completions=5, skip_trivial_lines=True)
+  rows = labeler.label_batch(problems, responses, passed, _threshold_probe(thresholds, calls),
                          config)
   # One probe_fn call per round; rounds = ceil(log2(max steps)) = ceil(log2 16) = 4.
   assert len(calls) == 4
@@ -132,10 +133,10 @@ def test_label_batch_advances_all_searches_together_and_matches_linear_scan():
       assert not row["searched"] and row["completions_spent"] == 0
       assert all(y == (0 if t else 1) for y, t in zip(row["line_labels"], row["trivial"]))
       continue
-    expected_first, _ = lab.linear_first_bad(n_steps, lambda m, t=thresholds[i]: m < t)
+    expected_first, _ = search.linear_first_bad(n_steps, lambda m, t=thresholds[i]: m < t)
     assert row["first_bad_step"] == expected_first
-    assert row["line_labels"] == lab.label_lines(row["trivial"], expected_first)
-    assert row["rounds"] == len(row["trace"]) <= lab.max_probes(n_steps)
+    assert row["line_labels"] == search.label_lines(row["trivial"], expected_first)
+    assert row["rounds"] == len(row["trace"]) <= search.max_probes(n_steps)
     assert row["completions_spent"] == 5 * row["rounds"]
     assert [t["round"] for t in row["trace"]] == list(range(row["rounds"]))
     if n_steps:
@@ -146,8 +147,8 @@ def test_label_batch_advances_all_searches_together_and_matches_linear_scan():
 
 def test_label_batch_without_search_flag_leaves_rows_unlabeled():
   calls = []
-  rows = lab.label_batch(["p", "q"], [_body(4), _body(4)], [False, False],
-                         _threshold_probe([2, 2], calls), lab.LabelingConfig(),
+  rows = labeler.label_batch(["p", "q"], [_body(4), _body(4)], [False, False],
+                         _threshold_probe([2, 2], calls), labeler.LabelingConfig(),
                          search=[False, True])
   assert rows[0]["line_labels"] is None and not rows[0]["searched"]
   assert rows[1]["line_labels"] == [1, -1, -1, -1]
@@ -166,26 +167,26 @@ def test_selection_modes_and_uniform_prompt_drop():
   rows = [_row("a", True, None, [1, 1]), _row("a", False, 0, [-1, -1]),
           _row("a", False, 1, [1, -1]), _row("b", False, 2, [1, 1, -1]),
           _row("b", False, 1, [1, -1]), _row("c", True, None, [1])]
-  assert lab.select_rows(rows, "all") == [True] * 6
-  assert lab.select_rows(rows, "failed") == [False, True, True, True, True, False]
-  assert lab.select_rows(rows, "revised") == [False, False, True, True, True, False]
+  assert select.select_rows(rows, "all") == [True] * 6
+  assert select.select_rows(rows, "failed") == [False, True, True, True, True, False]
+  assert select.select_rows(rows, "revised") == [False, False, True, True, True, False]
   # b (all fail) and c (all pass) are uniform prompts.
-  assert lab.select_rows(rows, "all", drop_uniform_prompts=True) == [True, True, True,
+  assert select.select_rows(rows, "all", drop_uniform_prompts=True) == [True, True, True,
                                                                      False, False, False]
   unlabeled = dict(_row("d", False, None, None), searched=False)
-  assert lab.select_rows([unlabeled], "all") == [False]
+  assert select.select_rows([unlabeled], "all") == [False]
 
 
 def test_balance_lines_equalises_positive_and_negative_lines():
   rows = [_row("a", True, None, [1, 1, 0, 1]), _row("b", False, 1, [1, -1, -1]),
           _row("c", True, None, [1, 1, 1, 1, 1])]
-  balanced = lab.balance_lines(rows, seed=3)
-  counts = lab.label_counts(balanced)
+  balanced = select.balance_lines(rows, seed=3)
+  counts = select.label_counts(balanced)
   assert counts["positive_lines"] == counts["negative_lines"] == 2
   assert counts["trivial_lines"] == 1
   assert all(u == 1 for row in balanced for y, u in zip(row["line_labels"], row["line_used"])
              if y <= 0)
-  assert lab.balance_lines(rows, seed=3) == balanced  # deterministic
+  assert select.balance_lines(rows, seed=3) == balanced  # deterministic
 
 
 # ----------------------------------------------------------------------------- shards
@@ -193,14 +194,14 @@ def test_balance_lines_equalises_positive_and_negative_lines():
 
 def test_shards_are_written_atomically_and_listed(tmp_path):
   out = str(tmp_path)
-  lab.write_shard(out, 0, [{"x": 1, "selected": True}])
-  lab.write_shard(out, 2, [{"x": 2, "selected": False}, {"x": 3, "selected": True}])
+  shards.write_shard(out, 0, [{"x": 1, "selected": True}])
+  shards.write_shard(out, 2, [{"x": 2, "selected": False}, {"x": 3, "selected": True}])
   # A partial temp file of a batch in flight is not a shard.
   with open(os.path.join(out, "labels-00001.jsonl.tmp"), "w") as f:
     f.write('{"x": ')
-  assert lab.shard_indices(out) == [0, 2]
-  assert [r["x"] for r in lab.load_labels(out)] == [1, 3]
-  assert [r["x"] for r in lab.load_labels(out, selected_only=False)] == [1, 2, 3]
+  assert shards.shard_indices(out) == [0, 2]
+  assert [r["x"] for r in shards.load_labels(out)] == [1, 3]
+  assert [r["x"] for r in shards.load_labels(out, selected_only=False)] == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -232,7 +233,7 @@ def _reference_completer_probe(run_many, calls=None):
     programs = []
     for job in jobs:
       ref = synthetic.response_lines(job.problem.reference)
-      n_prefix = len(lab.split_lines(job.prefix))
+      n_prefix = len(split_lines(job.prefix))
       rest = "".join(l + "\n" for l in ref[n_prefix:])
       programs.append((job.problem.program(job.prefix + rest), job.problem.tests))
     return [int(r.passed) for r in run_many(programs)]
@@ -256,15 +257,15 @@ def test_search_with_a_perfect_completer_finds_the_oracle_first_error(problems, 
   responses, truth = [responses[i] for i in failing], [truth[i] for i in failing]
   outcomes = [False] * len(failing)
   calls = []
-  rows = lab.label_batch(problems, responses, outcomes,
+  rows = labeler.label_batch(problems, responses, outcomes,
                          _reference_completer_probe(pool.run_many, calls),
-                         lab.LabelingConfig(completions=1))
+                         labeler.LabelingConfig(completions=1))
   assert [r["first_bad"] for r in rows] == truth
   assert all(r["first_bad"] == synthetic.first_error_line(p, r["response"])
              for p, r in zip(problems, rows))
   max_lines = max(len(r["lines"]) for r in rows)
   assert len(calls) == max(r["rounds"] for r in rows)
-  assert len(calls) <= lab.max_probes(max_lines) <= math.ceil(math.log2(max_lines + 1))
+  assert len(calls) <= search.max_probes(max_lines) <= math.ceil(math.log2(max_lines + 1))
   linear = sum(len(r["lines"]) - 1 for r in rows)
   assert sum(r["completions_spent"] for r in rows) < linear
 
@@ -278,16 +279,16 @@ def test_oracle_labeler_equals_the_perfect_completer(problems, pool):
   responses = [synthetic.corrupt_response(p, rng)[0] for p in problems]
   outcomes = [bool(r.passed) for r in pool.run_many(
       [(p.program(r), p.tests) for p, r in zip(problems, responses)])]
-  config = lab.LabelingConfig(completions=1, labeler="oracle")
-  exact = lab.label_batch(problems, responses, outcomes,
-                          lab.oracle_probe(synthetic.first_error_line), config)
-  ran = lab.label_batch(problems, responses, outcomes,
+  config = labeler.LabelingConfig(completions=1, labeler="oracle")
+  exact = labeler.label_batch(problems, responses, outcomes,
+                          labeler.oracle_probe(synthetic.first_error_line), config)
+  ran = labeler.label_batch(problems, responses, outcomes,
                         _reference_completer_probe(pool.run_many), config)
   assert [r["line_labels"] for r in exact] == [r["line_labels"] for r in ran]
   searched = [r for r in exact if r["searched"]]
   assert searched and any(r["first_bad_step"] > 0 for r in searched)   # +1 lines exist
   with pytest.raises(ValueError, match="collect.labeler='nope'"):
-    lab.LabelingConfig(labeler="nope")
+    labeler.LabelingConfig(labeler="nope")
 
 
 def _respond_fn(run_many, batch_calls, crash_at=None):
@@ -312,27 +313,27 @@ def _respond_fn(run_many, batch_calls, crash_at=None):
 def test_collection_is_resumable_and_reports_cost_and_oracle_agreement(problems, pool,
                                                                        tmp_path):
   from psgpo_jax.data import synthetic
-  config = lab.LabelingConfig(completions=1, responses_per_prompt=2, batch_responses=6,
+  config = labeler.LabelingConfig(completions=1, responses_per_prompt=2, batch_responses=6,
                               selection="revised")
   probe_for_batch = lambda b: _reference_completer_probe(pool.run_many)
   crashed = str(tmp_path / "crashed")
   calls = []
   with pytest.raises(RuntimeError):
-    lab.run_collection(problems, _respond_fn(pool.run_many, calls, crash_at=2),
+    collect.run_collection(problems, _respond_fn(pool.run_many, calls, crash_at=2),
                        probe_for_batch, config, crashed, oracle_fn=synthetic.first_error_line)
-  assert lab.shard_indices(crashed) == [0, 1]
+  assert shards.shard_indices(crashed) == [0, 1]
   calls.clear()
-  stats = lab.run_collection(problems, _respond_fn(pool.run_many, calls), probe_for_batch,
+  stats = collect.run_collection(problems, _respond_fn(pool.run_many, calls), probe_for_batch,
                              config, crashed, oracle_fn=synthetic.first_error_line)
   assert calls == [2, 3]                       # finished batches were not redone
   clean = str(tmp_path / "clean")
-  lab.run_collection(problems, _respond_fn(pool.run_many, []), probe_for_batch, config,
+  collect.run_collection(problems, _respond_fn(pool.run_many, []), probe_for_batch, config,
                      clean, oracle_fn=synthetic.first_error_line)
   timeless = lambda rows: [{k: v for k, v in r.items() if k != "batch_seconds"} for r in rows]
   for index in range(4):
-    assert (timeless(lab.read_shard(lab.shard_path(crashed, index)))
-            == timeless(lab.read_shard(lab.shard_path(clean, index))))
-  rows = lab.load_labels(crashed, selected_only=False)
+    assert (timeless(shards.read_shard(shards.shard_path(crashed, index)))
+            == timeless(shards.read_shard(shards.shard_path(clean, index))))
+  rows = shards.load_labels(crashed, selected_only=False)
   assert len(rows) == stats["responses"] == 24
   failing = [r for r in rows if not r["passed"]]
   assert all(r["passed"] for r in rows[::2])             # the references
@@ -343,7 +344,7 @@ def test_collection_is_resumable_and_reports_cost_and_oracle_agreement(problems,
   assert stats["completions"] == sum(r["completions_spent"] for r in rows)
   assert stats["completions"] < stats["linear_scan_completions"]
   assert stats["wall_seconds"] > 0
-  assert json.load(open(os.path.join(crashed, lab.STATS_FILE)))["responses"] == 24
+  assert json.load(open(os.path.join(crashed, collect.STATS_FILE)))["responses"] == 24
   for row in rows:
     assert row["problem_id"] and row["prompt"] and "k" in row
     assert row["selected"] == (not row["passed"] and row["first_bad_step"] > 0)
@@ -361,11 +362,11 @@ def test_agreement_by_k_grows_with_k_for_a_noisy_completer(problems):
     out = []
     for job in jobs:
       ok = synthetic.first_error_line(job.problem, job.prefix) == len(
-          lab.split_lines(job.prefix))
+          split_lines(job.prefix))
       out.append(list(rng.random(16) < 0.3) if ok else [False] * 16)
     return out
 
-  report = lab.label_agreement_by_k(problems, responses, outcomes,
+  report = labeler.label_agreement_by_k(problems, responses, outcomes,
                                     synthetic.first_error_line, ks=(1, 4, 16))
   assert [r["k"] for r in report] == [1, 4, 16]
   agreement = [r["first_bad_agreement"] for r in report]
@@ -398,19 +399,19 @@ def test_policy_probe_samples_k_completions_per_prefix_in_one_call(problems, poo
   cfg, params, tokenizer = tiny_policy
   config = base.get_config()
   config.sampling.max_new_tokens = 8
-  sampling = lab.sampling_config_for(config, tokenizer, num_samples=3, temperature=1.0)
+  sampling = collect.sampling_config_for(config, tokenizer, num_samples=3, temperature=1.0)
   seen = []
 
   def run_many(jobs):
     seen.extend(jobs)
     return pool.run_many(jobs)
 
-  probe = lab.PolicyProbe(params, cfg, tokenizer, sampling, run_many, jax.random.PRNGKey(0))
+  probe = collect.PolicyProbe(params, cfg, tokenizer, sampling, run_many, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   jobs = []
   for i, p in enumerate(problems[:4]):
-    lines = lab.split_lines(synthetic.corrupt_response(p, rng)[0])
-    jobs.append(lab.PrefixJob(i, p, "".join(lines[:1 + i % 2]), 1 + i % 2))
+    lines = split_lines(synthetic.corrupt_response(p, rng)[0])
+    jobs.append(search.PrefixJob(i, p, "".join(lines[:1 + i % 2]), 1 + i % 2))
   outcomes = probe.outcomes(jobs)
   assert probe.calls == 1 and probe.completions == len(seen) == 12
   assert [len(o) for o in outcomes] == [3, 3, 3, 3]
@@ -436,10 +437,10 @@ def test_collect_labels_end_to_end_with_sampler_and_sandbox(problems, tiny_polic
   config.sampling.max_new_tokens = 16
   config.sandbox.num_workers = 2
   out = str(tmp_path / "collect")
-  stats = lab.collect_labels(params, cfg, tokenizer, problems, config, out,
+  stats = collect.collect_labels(params, cfg, tokenizer, problems, config, out,
                              jax.random.PRNGKey(3), agreement_ks=(1, 2))
-  rows = lab.load_labels(out, selected_only=False)
-  assert lab.shard_indices(out) == [0, 1] and len(rows) == stats["responses"] == 8
+  rows = shards.load_labels(out, selected_only=False)
+  assert shards.shard_indices(out) == [0, 1] and len(rows) == stats["responses"] == 8
   assert [r["problem_id"] for r in rows] == [p.id for p in problems[:4] for _ in range(2)]
   for row in rows:
     assert len(row["line_end_token_indices"]) == len(row["lines"]) == len(row["line_labels"])
@@ -449,6 +450,6 @@ def test_collect_labels_end_to_end_with_sampler_and_sandbox(problems, tiny_polic
   assert [r["k"] for r in stats["agreement_by_k"]] == [1, 2]
   assert os.path.exists(os.path.join(out, "agreement_by_k.json"))
   # A second call finds everything done and recomputes nothing.
-  again = lab.collect_labels(params, cfg, tokenizer, problems, config, out,
+  again = collect.collect_labels(params, cfg, tokenizer, problems, config, out,
                              jax.random.PRNGKey(3), agreement_ks=(1, 2))
   assert again["batches_run_now"] == 0 and again["responses"] == 8

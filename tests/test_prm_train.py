@@ -12,11 +12,12 @@ import pytest
 
 from psgpo_jax import batching
 from psgpo_jax.data import synthetic
+from psgpo_jax.lines import is_trivial_line, split_lines
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
-from psgpo_jax.prm import labeling as lab
 from psgpo_jax.prm import batches as prm_batches
 from psgpo_jax.prm import metrics as prm_metrics_lib
 from psgpo_jax.prm import scoring as prm_scoring
+from psgpo_jax.prm.search import label_lines
 from psgpo_jax.prm import train as prm
 from psgpo_jax.tokenization import line_spans, load_tokenizer
 from tolerances import ADAM_EPS, adam_param_atol
@@ -38,9 +39,9 @@ def _oracle_rows(problems, per_problem, seed=0):
   for p in problems:
     for _ in range(per_problem):
       response, first = synthetic.corrupt_response(p, rng)
-      trivial = [lab.is_trivial_line(l) for l in lab.split_lines(response)]
+      trivial = [is_trivial_line(l) for l in split_lines(response)]
       rows.append({"problem_id": p.id, "prompt": p.prompt, "response": response,
-                   "line_labels": lab.label_lines(trivial, first),
+                   "line_labels": label_lines(trivial, first),
                    "oracle_first_bad": first})
   return rows
 
@@ -169,7 +170,7 @@ def test_row_line_ends_match_tokenization_line_spans(tokenizer):
     prompt_ids = prm_batches.encode(tokenizer, row["prompt"])
     response_ids = prm_batches.encode(tokenizer, row["response"])
     spans = line_spans(tokenizer, prompt_ids, response_ids)
-    assert spans.num_lines == len(lab.split_lines(row["response"]))
+    assert spans.num_lines == len(split_lines(row["response"]))
     assert prm_batches.line_end_indices(tokenizer, prompt_ids, response_ids) == \
         spans.end_token.tolist()
 
@@ -305,3 +306,20 @@ def test_train_prm_resumes_from_its_checkpoint_to_the_same_params(tokenizer, tmp
   assert "[prm] resumed from the checkpoint of step 3" in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
+
+
+def test_response_score_is_the_lowest_line_score(tokenizer):
+  """`scoring.response_scores` (one PRM score per sampled response, for Best-of-K by the
+  PRM's pick) = the minimum of the held-out metrics' per-line scores, computed through
+  the PRM example batches instead; a response without lines scores -1."""
+  rows = _oracle_rows(synthetic.make_split(3, 6, range(2, 6)), 1)
+  cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
+  params = init_params(ScalarModel(cfg), jax.random.PRNGKey(4))
+  prompts = [prm_batches.encode(tokenizer, r["prompt"]) for r in rows]
+  responses = [prm_batches.encode(tokenizer, r["response"]) for r in rows]
+  got = prm_scoring.response_scores(params, cfg, tokenizer, prompts + prompts[:1],
+                                    responses + [[]], rows_per_call=4)
+  per_line = prm_metrics_lib.line_scores(params, cfg, tokenizer, rows, 256, 4,
+                                         tokenizer.pad_token_id)
+  np.testing.assert_allclose(got[:-1], [min(s) for s in per_line], atol=1e-5)
+  assert got[-1] == -1.0 and len(set(np.round(got[:-1], 4))) > 1

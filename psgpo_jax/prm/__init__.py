@@ -1,6 +1,8 @@
-"""Process reward model: binary-search line labels (`labeling`), PRM examples and batches
-(`batches`), training (`train`), held-out metrics (`metrics`), line-end scores (`scoring`)
-and the trivial predictors it must beat (`baselines`).
+"""Process reward model: binary-search line labels (the pure search `search`, one batch
+through any probe `labeler`, row selection and balancing `select`, label shards `shards`,
+the collection loop `collect`), PRM examples and batches (`batches`), training (`train`),
+held-out metrics (`metrics`), line-end scores (`scoring`) and the trivial predictors it
+must beat (`baselines`).
 
     from psgpo_jax import prm
     stats = prm.collect_labels(policy_params, model_cfg, tokenizer, problems, config,
@@ -10,10 +12,12 @@ and the trivial predictors it must beat (`baselines`).
                                     prm.PRMTrainConfig.from_config(config), run_dir, pad_id)
     scores = prm.score(params, model_cfg, batch)      # [B, T], PRM output at line ends
 """
-from psgpo_jax.prm.labeling import (LabelingConfig, PolicyProbe, PrefixJob, SearchState,
-                                    balance_lines, collect_labels, label_agreement_by_k,
-                                    label_batch, label_lines, load_labels, new_search,
-                                    next_probe, run_collection, select_rows, update)
+from psgpo_jax.prm.collect import PolicyProbe, collect_labels, run_collection
+from psgpo_jax.prm.labeler import LabelingConfig, label_agreement_by_k, label_batch
+from psgpo_jax.prm.search import (PrefixJob, SearchState, label_lines, new_search, next_probe,
+                                  update)
+from psgpo_jax.prm.select import balance_lines, select_rows
+from psgpo_jax.prm.shards import load_labels
 from psgpo_jax.prm.batches import make_prm_batches
 from psgpo_jax.prm.metrics import auroc, evaluate_prm, prm_metrics
 from psgpo_jax.prm.scoring import make_score_fn, score

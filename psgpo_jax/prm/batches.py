@@ -1,6 +1,6 @@
 """PRM examples and batches: labeled responses in token space, packed for training.
 
-A labeled row (`labeling.load_labels`) becomes a `PRMExample`: its prompt + response
+A labeled row (`shards.load_labels`) becomes a `PRMExample`: its prompt + response
 tokens and, at each line-end token, the line's label (+1 recoverable prefix, -1 not, 0
 for a blank or comment-only line), the target the PRM regresses to there.
 """

@@ -124,7 +124,7 @@ class PRMTrainConfig:
     warmup_steps: learning-rate warmup.
     weight_decay: AdamW decoupled decay.
     grad_clip: global-norm clipping.
-    balance: balance positive and negative training lines (`labeling.balance_lines`).
+    balance: balance positive and negative training lines (`select.balance_lines`).
     log_every: steps between logged training metrics.
     eval_train_rows: training rows scored at the end for train-set metrics (0 = none).
     adam_eps: Adam's epsilon (larger values damp steps on near-zero gradients).
@@ -177,7 +177,7 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     policy_params: CausalLM params whose backbone initialises the PRM.
     model_cfg: the model config (policy and PRM share it).
     tokenizer: encodes prompts and responses (as at collection time).
-    rows: selected labeled rows (`labeling.load_labels`).
+    rows: selected labeled rows (`shards.load_labels`).
     config: training knobs.
     out_dir: where metrics.json and calibration.png go.
     pad_id: padding token id.
@@ -196,7 +196,7 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     the last training metrics (`train/...`), counts and seconds.
   """
   from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.prm.labeling import balance_lines  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.select import balance_lines  # pylint: disable=import-outside-toplevel
   start = time.time()
   if mesh is not None:
     from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
