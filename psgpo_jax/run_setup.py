@@ -21,9 +21,9 @@ def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     if config.data.source != "synthetic":
       raise ConfigError("Set tokenizer.path (or model.path) to a local tokenizer directory: "
                         "only the synthetic suite builds its own tokenizer.")
-    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    path = synthetic.build_tokenizer(os.path.join(workdir, "tokenizer"), seed=config.seed,
-                                     vocab_size=config.tokenizer.vocab_size)
+    from psgpo_jax.data import synthetic_corpus  # pylint: disable=import-outside-toplevel
+    path = synthetic_corpus.build_tokenizer(os.path.join(workdir, "tokenizer"), seed=config.seed,
+                                            vocab_size=config.tokenizer.vocab_size)
   return load_tokenizer(path)
 
 
@@ -61,7 +61,7 @@ def _load_splits(config: ml_collections.ConfigDict) -> Dict[str, list]:
   """{"train", "eval"} problems of the configured source, as loaded."""
   from psgpo_jax.data import problems as problems_lib  # pylint: disable=import-outside-toplevel
   from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.data import record  # pylint: disable=import-outside-toplevel
   data = config.data
   if data.source == "synthetic":
     horizons = range(data.min_horizon, data.max_horizon + 1)
@@ -72,7 +72,7 @@ def _load_splits(config: ml_collections.ConfigDict) -> Dict[str, list]:
   if data.eval_path:
     return {"train": train,
             "eval": problems_lib.load_problems(data.source, data.eval_path, **kwargs)}
-  train, held_out = tfds_builders.split_by_hash(train, data.eval_fraction, salt=str(config.seed))
+  train, held_out = record.split_by_hash(train, data.eval_fraction, salt=str(config.seed))
   return {"train": train, "eval": held_out}
 
 

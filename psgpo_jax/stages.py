@@ -124,8 +124,8 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   from psgpo_jax.sft import train_sft  # pylint: disable=import-outside-toplevel
   train = ctx.problems["train"]
   if config.data.source == "synthetic":
-    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    pairs = synthetic.sft_corpus(train, noise=config.sft.noise, seed=config.seed)
+    from psgpo_jax.data import synthetic_corpus  # pylint: disable=import-outside-toplevel
+    pairs = synthetic_corpus.sft_corpus(train, noise=config.sft.noise, seed=config.seed)
   else:
     pairs = [(p.prompt, p.reference) for p in train if p.reference]
     if not pairs:
@@ -171,8 +171,8 @@ def _rl_setup(ctx, evaluate: bool):
 
   line_oracle = None
   if ctx.config.data.source == "synthetic":
-    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    line_oracle = synthetic.oracle_line_labels
+    from psgpo_jax.data import synthetic_oracle  # pylint: disable=import-outside-toplevel
+    line_oracle = synthetic_oracle.oracle_line_labels
   return RLSetup(ctx.model_cfg, ctx.tokenizer, ctx.problems["train"], eval_problems,
                  ctx.sandbox, evaluate_fn if evaluate else None, line_oracle)
 

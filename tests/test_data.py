@@ -13,6 +13,7 @@ import pytest
 
 from psgpo_jax.data import problems as P
 from psgpo_jax.data import synthetic, tfds_builders
+from psgpo_jax.data.record import problem_from_json, problem_to_json, split_by_hash
 from psgpo_jax.sandbox.spec import AssertTests, CallTests, StdioTests
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
@@ -241,12 +242,12 @@ def _all_kinds():
 
 def test_json_round_trip_all_test_kinds():
   for p in _all_kinds():
-    back = P.problem_from_json(P.problem_to_json(p))
+    back = problem_from_json(problem_to_json(p))
     assert back == p
     assert type(back.tests) is type(p.tests)
   weird = dataclasses.replace(P.load_humaneval()[0], prompt="caf\u00e9 \u2603 \x00 \"q\"\n",
                               metadata={"nested": {"a": [1, 2.5, None, True]}})
-  assert P.problem_from_json(P.problem_to_json(weird)) == weird
+  assert problem_from_json(problem_to_json(weird)) == weird
 
 
 def test_tfds_round_trip(tmp_path):
@@ -292,8 +293,8 @@ def test_host_indices_disjoint_complete_and_reshuffled():
 
 def test_split_by_hash_is_stable():
   problems = P.load_humaneval()
-  train, evals = tfds_builders.split_by_hash(problems, 0.25, salt="s")
+  train, evals = split_by_hash(problems, 0.25, salt="s")
   assert len(train) + len(evals) == len(problems) and 20 < len(evals) < 62
   shuffled = list(reversed(problems[:80]))
-  _, evals_part = tfds_builders.split_by_hash(shuffled, 0.25, salt="s")
+  _, evals_part = split_by_hash(shuffled, 0.25, salt="s")
   assert {p.id for p in evals_part} == {p.id for p in evals if p in problems[:80]}

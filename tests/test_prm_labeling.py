@@ -225,14 +225,14 @@ def _reference_completer_probe(run_many, calls=None):
 
   The prefix is correct iff prefix + the rest of the reference passes in the sandbox.
   """
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_oracle
 
   def probe(jobs):
     if calls is not None:
       calls.append(len(jobs))
     programs = []
     for job in jobs:
-      ref = synthetic.response_lines(job.problem.reference)
+      ref = synthetic_oracle.response_lines(job.problem.reference)
       n_prefix = len(split_lines(job.prefix))
       rest = "".join(l + "\n" for l in ref[n_prefix:])
       programs.append((job.problem.program(job.prefix + rest), job.problem.tests))
@@ -241,11 +241,11 @@ def _reference_completer_probe(run_many, calls=None):
 
 
 def test_search_with_a_perfect_completer_finds_the_oracle_first_error(problems, pool):
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_corpus, synthetic_oracle
   rng = np.random.default_rng(0)
   responses, truth = [], []
   for p in problems:
-    response, first = synthetic.corrupt_response(p, rng)
+    response, first = synthetic_corpus.corrupt_response(p, rng)
     responses.append(response)
     truth.append(first)
   outcomes = [bool(r.passed) for r in pool.run_many(
@@ -261,7 +261,7 @@ def test_search_with_a_perfect_completer_finds_the_oracle_first_error(problems, 
                          _reference_completer_probe(pool.run_many, calls),
                          labeler.LabelingConfig(completions=1))
   assert [r["first_bad"] for r in rows] == truth
-  assert all(r["first_bad"] == synthetic.first_error_line(p, r["response"])
+  assert all(r["first_bad"] == synthetic_oracle.first_error_line(p, r["response"])
              for p, r in zip(problems, rows))
   max_lines = max(len(r["lines"]) for r in rows)
   assert len(calls) == max(r["rounds"] for r in rows)
@@ -274,14 +274,14 @@ def test_oracle_labeler_equals_the_perfect_completer(problems, pool):
   """`collect.labeler = oracle` answers each probe from the first-error oracle; it must
   give the labels of a perfect completer that really runs the prefix + the reference's
   remaining lines in the sandbox, including recoverable (+1) prefixes."""
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_corpus, synthetic_oracle
   rng = np.random.default_rng(1)
-  responses = [synthetic.corrupt_response(p, rng)[0] for p in problems]
+  responses = [synthetic_corpus.corrupt_response(p, rng)[0] for p in problems]
   outcomes = [bool(r.passed) for r in pool.run_many(
       [(p.program(r), p.tests) for p, r in zip(problems, responses)])]
   config = labeler.LabelingConfig(completions=1, labeler="oracle")
   exact = labeler.label_batch(problems, responses, outcomes,
-                          labeler.oracle_probe(synthetic.first_error_line), config)
+                          labeler.oracle_probe(synthetic_oracle.first_error_line), config)
   ran = labeler.label_batch(problems, responses, outcomes,
                         _reference_completer_probe(pool.run_many), config)
   assert [r["line_labels"] for r in exact] == [r["line_labels"] for r in ran]
@@ -293,7 +293,7 @@ def test_oracle_labeler_equals_the_perfect_completer(problems, pool):
 
 def _respond_fn(run_many, batch_calls, crash_at=None):
   """Per prompt: the reference and one corrupted response (deterministic per id), tested."""
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_corpus
 
   def respond(b, batch):
     batch_calls.append(b)
@@ -302,7 +302,7 @@ def _respond_fn(run_many, batch_calls, crash_at=None):
     responses, owners = [], []
     for p in batch:
       seed = int(p.id.rsplit("/", 1)[-1])
-      bad, _ = synthetic.corrupt_response(p, np.random.default_rng(seed))
+      bad, _ = synthetic_corpus.corrupt_response(p, np.random.default_rng(seed))
       responses += [p.reference, bad]
       owners += [p, p]
     results = run_many([(p.program(r), p.tests) for p, r in zip(owners, responses)])
@@ -312,7 +312,7 @@ def _respond_fn(run_many, batch_calls, crash_at=None):
 
 def test_collection_is_resumable_and_reports_cost_and_oracle_agreement(problems, pool,
                                                                        tmp_path):
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_oracle
   config = labeler.LabelingConfig(completions=1, responses_per_prompt=2, batch_responses=6,
                               selection="revised")
   probe_for_batch = lambda b: _reference_completer_probe(pool.run_many)
@@ -320,15 +320,16 @@ def test_collection_is_resumable_and_reports_cost_and_oracle_agreement(problems,
   calls = []
   with pytest.raises(RuntimeError):
     collect.run_collection(problems, _respond_fn(pool.run_many, calls, crash_at=2),
-                       probe_for_batch, config, crashed, oracle_fn=synthetic.first_error_line)
+                       probe_for_batch, config, crashed,
+                       oracle_fn=synthetic_oracle.first_error_line)
   assert shards.shard_indices(crashed) == [0, 1]
   calls.clear()
   stats = collect.run_collection(problems, _respond_fn(pool.run_many, calls), probe_for_batch,
-                             config, crashed, oracle_fn=synthetic.first_error_line)
+                             config, crashed, oracle_fn=synthetic_oracle.first_error_line)
   assert calls == [2, 3]                       # finished batches were not redone
   clean = str(tmp_path / "clean")
   collect.run_collection(problems, _respond_fn(pool.run_many, []), probe_for_batch, config,
-                     clean, oracle_fn=synthetic.first_error_line)
+                     clean, oracle_fn=synthetic_oracle.first_error_line)
   timeless = lambda rows: [{k: v for k, v in r.items() if k != "batch_seconds"} for r in rows]
   for index in range(4):
     assert (timeless(shards.read_shard(shards.shard_path(crashed, index)))
@@ -352,22 +353,22 @@ def test_collection_is_resumable_and_reports_cost_and_oracle_agreement(problems,
 
 
 def test_agreement_by_k_grows_with_k_for_a_noisy_completer(problems):
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_corpus, synthetic_oracle
   rng = np.random.default_rng(1)
-  responses = [synthetic.corrupt_response(p, rng)[0] for p in problems]
+  responses = [synthetic_corpus.corrupt_response(p, rng)[0] for p in problems]
 
   # Each completion of a recoverable prefix succeeds with probability 0.3 (a weak
   # completer); an unrecoverable prefix never succeeds.
   def outcomes(jobs):
     out = []
     for job in jobs:
-      ok = synthetic.first_error_line(job.problem, job.prefix) == len(
+      ok = synthetic_oracle.first_error_line(job.problem, job.prefix) == len(
           split_lines(job.prefix))
       out.append(list(rng.random(16) < 0.3) if ok else [False] * 16)
     return out
 
   report = labeler.label_agreement_by_k(problems, responses, outcomes,
-                                    synthetic.first_error_line, ks=(1, 4, 16))
+                                    synthetic_oracle.first_error_line, ks=(1, 4, 16))
   assert [r["k"] for r in report] == [1, 4, 16]
   agreement = [r["first_bad_agreement"] for r in report]
   assert agreement[0] < agreement[2] and agreement[2] >= 0.9
@@ -381,10 +382,10 @@ def test_agreement_by_k_grows_with_k_for_a_noisy_completer(problems):
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
   import jax
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_corpus
   from psgpo_jax.models import CausalLM, ModelConfig, init_params
   from psgpo_jax.tokenization import load_tokenizer
-  tokenizer = load_tokenizer(synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+  tokenizer = load_tokenizer(synthetic_corpus.build_tokenizer(str(tmp_path_factory.mktemp("tok"))))
   cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id)
@@ -395,7 +396,7 @@ def test_policy_probe_samples_k_completions_per_prefix_in_one_call(problems, poo
                                                                    tiny_policy):
   import jax
   from configs import base
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_corpus
   cfg, params, tokenizer = tiny_policy
   config = base.get_config()
   config.sampling.max_new_tokens = 8
@@ -410,7 +411,7 @@ def test_policy_probe_samples_k_completions_per_prefix_in_one_call(problems, poo
   rng = np.random.default_rng(0)
   jobs = []
   for i, p in enumerate(problems[:4]):
-    lines = split_lines(synthetic.corrupt_response(p, rng)[0])
+    lines = split_lines(synthetic_corpus.corrupt_response(p, rng)[0])
     jobs.append(search.PrefixJob(i, p, "".join(lines[:1 + i % 2]), 1 + i % 2))
   outcomes = probe.outcomes(jobs)
   assert probe.calls == 1 and probe.completions == len(seen) == 12

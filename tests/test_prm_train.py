@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from psgpo_jax import batching
-from psgpo_jax.data import synthetic
+from psgpo_jax.data import synthetic, synthetic_corpus
 from psgpo_jax.lines import is_trivial_line, split_lines
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.prm import batches as prm_batches
@@ -28,7 +28,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  path = synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok")), vocab_size=512)
+  path = synthetic_corpus.build_tokenizer(str(tmp_path_factory.mktemp("tok")), vocab_size=512)
   return load_tokenizer(path)
 
 
@@ -38,7 +38,7 @@ def _oracle_rows(problems, per_problem, seed=0):
   rows = []
   for p in problems:
     for _ in range(per_problem):
-      response, first = synthetic.corrupt_response(p, rng)
+      response, first = synthetic_corpus.corrupt_response(p, rng)
       trivial = [is_trivial_line(l) for l in split_lines(response)]
       rows.append({"problem_id": p.id, "prompt": p.prompt, "response": response,
                    "line_labels": label_lines(trivial, first),

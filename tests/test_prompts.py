@@ -9,7 +9,7 @@ import pytest
 from configs import base
 from psgpo_jax.configuration import ConfigError, validate_config
 from psgpo_jax.data import problems as P
-from psgpo_jax.data import prompts
+from psgpo_jax.data import prompts, record
 from psgpo_jax.sampling import SamplingConfig
 from psgpo_jax.sandbox import run_many
 from psgpo_jax.tokenization import line_spans, load_tokenizer
@@ -45,7 +45,7 @@ def _datasets():
     ("```python\na = 1\n```\n```python\nb = 2\n```", "a = 1\n"),   # the first block
 ])
 def test_fenced_code(text, code):
-  assert P.fenced_code(text) == code
+  assert record.fenced_code(text) == code
 
 
 # --- stop strings ------------------------------------------------------------------------

@@ -426,7 +426,8 @@ def test_evaluation_on_a_mesh_matches_one_device(model, tokenizer):
   """`evaluation.evaluate_policy(..., mesh=...)` (the eval stage on the run's mesh) samples
   and scores exactly what one device does."""
   from psgpo_jax import evaluation                            # pylint: disable=import-outside-toplevel
-  from psgpo_jax.data.problems import AssertTests, Problem    # pylint: disable=import-outside-toplevel
+  from psgpo_jax.data.record import Problem                   # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sandbox.spec import AssertTests              # pylint: disable=import-outside-toplevel
   from psgpo_jax.sandbox import Sandbox                       # pylint: disable=import-outside-toplevel
   cfg, params = model
   problems = [Problem(id=f"t/{i}", prompt=f"def f(x):\n    return x + {i}",

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from psgpo_jax.data import synthetic as S
+from psgpo_jax.data import synthetic_corpus as corpus
+from psgpo_jax.data import synthetic_oracle as oracle
+from psgpo_jax.data.record import Problem
 from psgpo_jax.sandbox.spec import AssertTests
 
 HORIZONS = range(1, 13)
@@ -24,7 +27,7 @@ def held_out():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-  return S.build_tokenizer(str(tmp_path_factory.mktemp("tok")), seed=0)
+  return corpus.build_tokenizer(str(tmp_path_factory.mktemp("tok")), seed=0)
 
 
 def run_jobs(jobs):
@@ -37,7 +40,7 @@ def test_prompt_response_format(train):
   h = p.metadata["horizon"]
   assert p.prompt.startswith("def f(x, y):\n    \"\"\"\n") and p.prompt.endswith('    """\n')
   assert p.program_prefix == p.prompt and p.entry_point == "f" and p.source == "synthetic"
-  lines = S.response_lines(p.reference)
+  lines = oracle.response_lines(p.reference)
   assert len(lines) == h == len(p.metadata["steps"])
   assert p.reference == "".join(line + "\n" for line in lines)
   assert all(line.startswith("    ") and not line[4].isspace() for line in lines)
@@ -52,7 +55,7 @@ def test_prompt_response_format(train):
 def test_step_k_maps_to_line_k(train):
   """Step k and line k align word for token; line k assigns the k-th local."""
   for p in train:
-    lines = S.response_lines(p.reference)
+    lines = oracle.response_lines(p.reference)
     for k, (spec, line) in enumerate(zip(p.metadata["steps"], lines)):
       assert line.split() == [S.WORDS.get(w, w) for w in spec.split()]
       if k < len(lines) - 1:
@@ -60,7 +63,7 @@ def test_step_k_maps_to_line_k(train):
 
 
 def test_suite_covers_its_grammar(train):
-  lines = [l for p in train for l in S.response_lines(p.reference)]
+  lines = [l for p in train for l in oracle.response_lines(p.reference)]
   for needle in (" + ", " - ", " * ", " // ", " % ", " > ", " < ", " if ", " else "):
     assert any(needle in l for l in lines), needle
   assert sum(" if " in l for l in lines) > 0.1 * len(lines)
@@ -90,7 +93,7 @@ def test_horizon_control():
   problems = S.make_split(1, 12, horizons=range(4, 13))
   assert [p.metadata["horizon"] for p in problems] == [4, 5, 6, 7, 8, 9, 10, 11, 12, 4, 5, 6]
   long = S.make_split(2, 3, horizons=[S.MAX_HORIZON])
-  assert all(len(S.response_lines(p.reference)) == S.MAX_HORIZON for p in long)
+  assert all(len(oracle.response_lines(p.reference)) == S.MAX_HORIZON for p in long)
   with pytest.raises(ValueError):
     S.make_split(0, 1, horizons=[0])
   with pytest.raises(ValueError, match="spec space"):
@@ -102,30 +105,30 @@ def test_references_pass_and_outputs_are_consistent(train, held_out):
   results = run_jobs([(p.program(p.reference), p.tests) for p in problems])
   assert all(r.passed for r in results), [r for r in results if not r.passed][:3]
   for p in problems:
-    lines = S.response_lines(p.reference)
+    lines = oracle.response_lines(p.reference)
     for pair, out in zip(p.metadata["inputs"], p.metadata["outputs"]):
-      assert S.run_reference(lines, dict(zip(S.ARGS, pair))) == out
+      assert oracle.run_reference(lines, dict(zip(S.ARGS, pair))) == out
       assert all(abs(v) <= S.MAX_ABS_VALUE for v in p.metadata["outputs"])
 
 
 def test_oracle_exact_on_reference_and_corruptions(train):
   rng = np.random.default_rng(0)
   for p in train:
-    assert S.first_error_line(p, p.reference) is None
-    assert S.line_correctness(p, p.reference) == [True] * p.metadata["horizon"]
+    assert oracle.first_error_line(p, p.reference) is None
+    assert oracle.line_correctness(p, p.reference) == [True] * p.metadata["horizon"]
     for k in range(p.metadata["horizon"]):
-      response, index = S.corrupt_response(p, rng, index=k)
+      response, index = corpus.corrupt_response(p, rng, index=k)
       assert index == k
-      assert S.first_error_line(p, response) == k
-      assert S.line_correctness(p, response) == [j < k for j in range(p.metadata["horizon"])]
-      assert len(S.response_lines(response)) == p.metadata["horizon"]
+      assert oracle.first_error_line(p, response) == k
+      assert oracle.line_correctness(p, response) == [j < k for j in range(p.metadata["horizon"])]
+      assert len(oracle.response_lines(response)) == p.metadata["horizon"]
 
 
 def _problem(reference_lines, inputs=((1, 2), (5, 3), (9, 9), (0, 7), (4, 1), (8, 2))):
   """A hand-written problem of the suite's shape."""
-  lines = [S.INDENT + c for c in reference_lines]
-  outputs = [S.run_reference(lines, dict(zip(S.ARGS, i))) for i in inputs]
-  return S.Problem(id="hand", prompt="", tests=AssertTests(()), reference=S.format_response(
+  lines = [oracle.INDENT + c for c in reference_lines]
+  outputs = [oracle.run_reference(lines, dict(zip(S.ARGS, i))) for i in inputs]
+  return Problem(id="hand", prompt="", tests=AssertTests(()), reference=S.format_response(
       reference_lines), source="synthetic",
       metadata={"horizon": len(lines), "args": ["x", "y"], "inputs": [list(i) for i in inputs],
                 "outputs": outputs})
@@ -136,12 +139,12 @@ def test_oracle_accepts_equivalent_lines_and_rejects_everything_else(tmp_path):
                 "e = abs(d - x)", "return e * b"])
   ok = S.format_response(["a = 3 + x", "b = max(y, a)", "c = y\n    if a > 6: c = b - 4",
                           "d = c % 5", "e = abs(x - d)", "return b * e"])
-  assert S.first_error_line(p, ok) == 2                # two lines for one step: misaligned
+  assert oracle.first_error_line(p, ok) == 2                # two lines for one step: misaligned
   ok = S.format_response(["a = 3 + x", "b = max(y, a)", "c = y if 6 >= a else b - 4",
                           "d = c % 5", "e = abs(x - d)", "return b * e"])
-  assert S.first_error_line(p, ok) is None
-  assert S.first_error_line(p, "    a = x + 3\n    a += 0\n") == 1       # b missing
-  ref = S.response_lines(p.reference)
+  assert oracle.first_error_line(p, ok) is None
+  assert oracle.first_error_line(p, "    a = x + 3\n    a += 0\n") == 1       # b missing
+  ref = oracle.response_lines(p.reference)
 
   def with_line(k, text):
     lines = list(ref)
@@ -168,27 +171,27 @@ def test_oracle_accepts_equivalent_lines_and_rejects_everything_else(tmp_path):
       "    a = x + 3 if x > 100 else x // 0",               # division by zero when run
   ]
   for text in bad_lines:
-    assert S.first_error_line(p, with_line(0, text)) == 0, text
+    assert oracle.first_error_line(p, with_line(0, text)) == 0, text
   # A comment or blank line in place of a step is neutral: the step is missing, so the
   # next code line (which reads `a`) is the first wrong one.
   for text in ("    # a comment", ""):
-    assert S.first_error_line(p, with_line(0, text)) == 1, repr(text)
+    assert oracle.first_error_line(p, with_line(0, text)) == 1, repr(text)
   assert not marker.exists()
-  assert S.first_error_line(p, with_line(1, "    b = 10**20")) == 1
+  assert oracle.first_error_line(p, with_line(1, "    b = 10**20")) == 1
   # Extra line after the return; missing lines; trailing blank lines are ignored.
-  assert S.first_error_line(p, p.reference + "    return 0\n") == len(ref)
-  assert S.first_error_line(p, "".join(l + "\n" for l in ref[:3])) == 3
-  assert S.first_error_line(p, "") == 0
-  assert S.first_error_line(p, p.reference + "\n   \n") is None
+  assert oracle.first_error_line(p, p.reference + "    return 0\n") == len(ref)
+  assert oracle.first_error_line(p, "".join(l + "\n" for l in ref[:3])) == 3
+  assert oracle.first_error_line(p, "") == 0
+  assert oracle.first_error_line(p, p.reference + "\n   \n") is None
   # Only values still needed count: clobbering x after its last use is fine.
   q = _problem(["a = x + y", "b = a * 2", "return b - a"])
-  assert S.first_error_line(q, "    a = x + y\n    b = a * 2\n    return b - a\n") is None
-  assert S.first_error_line(q, "    a = x + y\n    x = 0\n") == 1          # b never set
-  assert S.first_error_line(
+  assert oracle.first_error_line(q, "    a = x + y\n    b = a * 2\n    return b - a\n") is None
+  assert oracle.first_error_line(q, "    a = x + y\n    x = 0\n") == 1          # b never set
+  assert oracle.first_error_line(
       q, "    a = x + y\n    b, x = a * 2, 0\n    return b - a\n") is None
-  assert S.first_error_line(
+  assert oracle.first_error_line(
       q, "    x = x + y\n    b = x * 2\n    return b - x\n") == 0       # a never set
-  assert S.first_error_line(
+  assert oracle.first_error_line(
       q, "    a = x + y\n    b = a + a\n    if b > 999: b = 0\n") == 2
 
 
@@ -197,7 +200,7 @@ def test_oracle_agrees_with_the_tests(train):
   rng = np.random.default_rng(1)
   cases = []
   for p in train:
-    response, _ = S.corrupt_response(p, rng)
+    response, _ = corpus.corrupt_response(p, rng)
     cases.append((p, response))
   results = run_jobs([(p.program(r), p.tests) for p, r in cases])
   failed = [not r.passed for r in results]
@@ -206,30 +209,30 @@ def test_oracle_agrees_with_the_tests(train):
 
 def test_weak_policy_pass_rate_falls_with_horizon():
   problems = S.make_split(5, 120, horizons=[2, 12])
-  pairs = S.sft_corpus(problems, noise=0.1, seed=0)
+  pairs = corpus.sft_corpus(problems, noise=0.1, seed=0)
   solved = {2: [], 12: []}
   for p, (prompt, response) in zip(problems, pairs):
     assert prompt == p.prompt
-    solved[p.metadata["horizon"]].append(S.is_correct(p, response))
+    solved[p.metadata["horizon"]].append(oracle.is_correct(p, response))
   assert np.mean(solved[12]) < np.mean(solved[2]) - 0.3
 
 
 def test_sft_corpus_noise(train):
-  clean = S.sft_corpus(train, noise=0.0)
+  clean = corpus.sft_corpus(train, noise=0.0)
   assert clean == [(p.prompt, p.reference) for p in train]
-  noisy = S.sft_corpus(train, noise=0.3, seed=2)
-  assert noisy == S.sft_corpus(train, noise=0.3, seed=2)
+  noisy = corpus.sft_corpus(train, noise=0.3, seed=2)
+  assert noisy == corpus.sft_corpus(train, noise=0.3, seed=2)
   total = changed = 0
   for p, (_, response) in zip(train, noisy):
-    ref, got = S.response_lines(p.reference), S.response_lines(response)
+    ref, got = oracle.response_lines(p.reference), oracle.response_lines(response)
     assert len(got) == len(ref)
     total += len(ref)
     changed += sum(a != b for a, b in zip(ref, got))
     first = next((k for k, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-    assert S.first_error_line(p, response) == first
+    assert oracle.first_error_line(p, response) == first
   assert 0.2 < changed / total < 0.4
   with pytest.raises(ValueError):
-    S.sft_corpus(train, noise=1.5)
+    corpus.sft_corpus(train, noise=1.5)
 
 
 def test_tokenizer_round_trip_and_lengths(tokenizer_dir, train):
@@ -257,20 +260,20 @@ def test_tokenizer_round_trip_and_lengths(tokenizer_dir, train):
 def test_build_tokenizer_is_idempotent(tokenizer_dir):
   path = os.path.join(tokenizer_dir, "tokenizer.json")
   before = os.path.getmtime(path), open(path).read()
-  assert S.build_tokenizer(tokenizer_dir, seed=0) == tokenizer_dir
+  assert corpus.build_tokenizer(tokenizer_dir, seed=0) == tokenizer_dir
   assert (os.path.getmtime(path), open(path).read()) == before
 
 
 def test_comment_and_blank_lines_are_neutral_for_the_oracle():
   """A passing program with an inserted comment or blank line has no error line."""
   p = S.make_split(3, 1, [4], "train")[0]
-  lines = S.response_lines(p.reference)
+  lines = oracle.response_lines(p.reference)
   commented = "\n".join(lines[:1] + ["    # first step done", ""] + lines[1:]) + "\n"
-  assert S.first_error_line(p, commented) is None
-  labels = S.oracle_line_labels(p, commented.split("\n")[:-1])
+  assert oracle.first_error_line(p, commented) is None
+  labels = oracle.oracle_line_labels(p, commented.split("\n")[:-1])
   assert labels == [1, 0, 0, 1, 1, 1]
   # A wrong line after the comment is still found, at its own index.
   broken = commented.split("\n")
   broken[3] = "    " + broken[3].strip().split("=")[0] + "= 12345"
-  assert S.first_error_line(p, "\n".join(broken)) == 3
-  assert S.oracle_line_labels(p, broken[:-1]) == [1, 0, 0, -1, -1, -1]
+  assert oracle.first_error_line(p, "\n".join(broken)) == 3
+  assert oracle.oracle_line_labels(p, broken[:-1]) == [1, 0, 0, -1, -1, -1]

@@ -61,7 +61,7 @@ def test_rollout_batch_marks_line_ends_on_newline_tokens(ctx):
   assert batch["hacked"][0] == 0.0 and "prm_scores" not in batch
 
   # Oracle dense rewards: the synthetic oracle's label of each line at its end token.
-  from psgpo_jax.data import synthetic
+  from psgpo_jax.data import synthetic_oracle
   lines = text.split("\n")
   lines[1] = "    " + lines[1].strip().split("=")[0] + "= 12345"        # a wrong line 2
   wrong = "\n".join(lines)
@@ -70,9 +70,9 @@ def test_rollout_batch_marks_line_ends_on_newline_tokens(ctx):
                       [wrong], ["eos"], [Result(False, "failed", 0, 6)])
   batch = rollout_batch(
       rollouts, tok, tok.pad_token_id, (256,),
-      lambda row, row_lines: synthetic.oracle_line_labels(problem, row_lines))
+      lambda row, row_lines: synthetic_oracle.oracle_line_labels(problem, row_lines))
   ends = np.flatnonzero(batch["line_end_mask"][0])
-  want = synthetic.oracle_line_labels(problem, wrong.split("\n")[:-1])
+  want = synthetic_oracle.oracle_line_labels(problem, wrong.split("\n")[:-1])
   assert want[:2] == [1, -1] and want[-1] == 0          # right, wrong, ..., the comment
   np.testing.assert_array_equal(batch["prm_scores"][0, ends], want)
   assert np.count_nonzero(batch["prm_scores"][0]) == np.count_nonzero(want)

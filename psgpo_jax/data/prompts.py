@@ -7,7 +7,7 @@ question, ending inside a ```python block) and runs `program_prefix + response`.
 `chat` puts that task into one user message and renders it with the tokenizer's own chat
 template (`tokenizer.apply_chat_template`, read from tokenizer_config.json, as an
 instruct checkpoint ships it). The model answers in chat form; the program is the code of
-the response's first fenced block (`problems.fenced_code`), and the reference a policy is
+the response's first fenced block (`record.fenced_code`), and the reference a policy is
 fine-tuned on is that block. Stop strings follow the format: function completion stops
 where a new top-level statement starts, whole programs where tests or a new task start,
 and chat answers after the closing fence (EOS, e.g. `<|im_end|>`, ends them too).
@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List, Sequence, Tuple
 
-from psgpo_jax.data.problems import LCB_ANSWER, Problem
+from psgpo_jax.data.problems import LCB_ANSWER
+from psgpo_jax.data.record import Problem
 
 PROMPT_FORMATS = ("plain", "chat")
 

@@ -3,15 +3,14 @@
 `write_problems` stores any lists of Problems as the splits of one named dataset under a
 data_dir; `read_problems` opens a split as a random-access sequence of Problems
 (`builder.as_data_source`), so a host reads only the indices it owns. `host_indices`
-gives each host of a multi-host run its disjoint, per-epoch reshuffled share of indices,
-and `split_by_hash` makes stable train/eval splits of any problem list.
+gives each host of a multi-host run its disjoint, per-epoch reshuffled share of indices
+(stable train/eval splits of any problem list: `record.split_by_hash`).
 
 Each example holds the whole Problem as a JSON string (`problem_to_json`) plus a few scalar
 features for filtering without decoding (id, source, horizon, number of tests).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, overload
@@ -19,7 +18,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, ove
 import numpy as np
 import tensorflow_datasets as tfds
 
-from psgpo_jax.data.problems import Problem, num_tests, problem_from_json, problem_to_json
+from psgpo_jax.data.record import Problem, num_tests, problem_from_json, problem_to_json
 
 VERSION = "1.0.0"
 FILE_FORMAT = "array_record"
@@ -155,15 +154,3 @@ def host_indices(num_examples: int, process_index: int, process_count: int, seed
   if drop_remainder:
     order = order[:num_examples - num_examples % process_count]
   return order[process_index::process_count].astype(np.int64)
-
-
-def split_by_hash(problems: Sequence[Problem], eval_fraction: float, salt: str = ""
-                  ) -> Tuple[List[Problem], List[Problem]]:
-  """(train, eval): a problem goes to eval when a hash of `salt + id` falls below
-  `eval_fraction`, so the assignment is stable whatever the order or the other problems."""
-  train, evals = [], []
-  for problem in problems:
-    digest = hashlib.sha256((salt + problem.id).encode("utf-8")).digest()
-    (evals if int.from_bytes(digest[:8], "big") / 2.0**64 < eval_fraction else train).append(
-        problem)
-  return train, evals

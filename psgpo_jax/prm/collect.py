@@ -278,8 +278,8 @@ def sampling_config_for(config: Any, tokenizer: Any, num_samples: int, temperatu
 def default_oracle(problems: Sequence[Any]) -> Optional[OracleFn]:
   """The synthetic suite's `first_error_line` when every problem is synthetic, else None."""
   if problems and all(getattr(p, "source", "") == "synthetic" for p in problems):
-    from psgpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    return synthetic.first_error_line
+    from psgpo_jax.data import synthetic_oracle  # pylint: disable=import-outside-toplevel
+    return synthetic_oracle.first_error_line
   return None
 
 

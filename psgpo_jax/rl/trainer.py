@@ -73,7 +73,7 @@ class RLSetup:
   eval_problems: Sequence[Any]
   sandbox: Any
   evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None   # (params, step) -> metrics
-  # (problem, lines) -> the exact +-1 / 0 label of each line (`synthetic.oracle_line_labels`),
+  # (problem, lines) -> the exact +-1 / 0 label of each line (`synthetic_oracle.oracle_line_labels`),
   # for `rl.dense_source = "oracle"`; None where the problems have no oracle.
   line_oracle: Optional[Callable[[Any, Sequence[str]], Sequence[int]]] = None
 
