@@ -15,6 +15,18 @@ def _figure(size: Tuple[float, float] = (5.0, 3.6)):
   return fig, fig.add_subplot(1, 1, 1)
 
 
+def _save(fig, ax, path: str, title: str) -> str:
+  """Shares in [0, 1] on the y axis, title, grid and legend; writes the PNG to `path`."""
+  ax.set_ylim(0, 1)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
 def plot_best_of_k(curves: Mapping[str, Mapping[int, float]], path: str,
                    title: str = "Best-of-K") -> str:
   """Best-of-K curves, one line per label (e.g. "oracle", "PRM", "no PRM"); log2 K axis."""
@@ -25,14 +37,7 @@ def plot_best_of_k(curves: Mapping[str, Mapping[int, float]], path: str,
   ax.set_xscale("log", base=2)
   ax.set_xlabel("K (samples per problem)")
   ax.set_ylabel("share of problems solved")
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  return path
+  return _save(fig, ax, path, title)
 
 
 def plot_pass_by_length(rows_by_label: Mapping[str, Sequence[Mapping[str, float]]], path: str,
@@ -46,11 +51,4 @@ def plot_pass_by_length(rows_by_label: Mapping[str, Sequence[Mapping[str, float]
                 marker="o", capsize=2, label=label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel("pass@1")
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  return path
+  return _save(fig, ax, path, title)

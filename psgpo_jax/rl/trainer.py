@@ -73,8 +73,9 @@ class RLSetup:
   eval_problems: Sequence[Any]
   sandbox: Any
   evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None   # (params, step) -> metrics
-  # (problem, lines) -> the exact +-1 / 0 label of each line (`synthetic_oracle.oracle_line_labels`),
-  # for `rl.dense_source = "oracle"`; None where the problems have no oracle.
+  # (problem, lines) -> the exact +-1 / 0 label of each line
+  # (`synthetic_oracle.oracle_line_labels`), for `rl.dense_source = "oracle"`; None where
+  # the problems have no oracle.
   line_oracle: Optional[Callable[[Any, Sequence[str]], Sequence[int]]] = None
 
 
@@ -161,11 +162,11 @@ class RLTrainer:
     self.ppo_cfg.minibatch_size(rows)
     # Rows of prompt groups: the update's rows are then prompts_per_step / prompts_per_row.
     self.prompts_per_row = int(rl.prompts_per_row)
-    self.share_prompts = self.prompts_per_row > 0
-    if self.share_prompts:
-      if self.prompts_per_row < 0 or rl.prompts_per_step % self.prompts_per_row:
-        raise ValueError(f"rl.prompts_per_row={self.prompts_per_row} must divide "
-                         f"rl.prompts_per_step={rl.prompts_per_step} (0 turns it off).")
+    if self.prompts_per_row < 0 or (self.prompts_per_row
+                                    and rl.prompts_per_step % self.prompts_per_row):
+      raise ValueError(f"rl.prompts_per_row={self.prompts_per_row} must divide "
+                       f"rl.prompts_per_step={rl.prompts_per_step} (0 turns it off).")
+    if self.prompts_per_row:
       self.ppo_cfg.minibatch_size(rl.prompts_per_step // self.prompts_per_row)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     local_problem_order(len(setup.train_problems), 0, rl.prompts_per_step, rl_seed(config),
@@ -174,7 +175,7 @@ class RLTrainer:
       sharding.check_batch_rows(
           rows, mesh, rules, "rl.prompts_per_step * rl.samples_per_prompt",
           "rl.prompts_per_step or rl.samples_per_prompt")
-      if self.share_prompts:
+      if self.prompts_per_row:
         sharding.check_batch_rows(rl.prompts_per_step // self.prompts_per_row, mesh, rules,
                                   "rl.prompts_per_step / rl.prompts_per_row",
                                   "rl.prompts_per_step or rl.prompts_per_row")
@@ -320,7 +321,7 @@ class RLTrainer:
     longest = max(len(p) + len(r) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids))
     host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
                          self._buckets(self.buckets, longest), labeler)
-    if self.share_prompts:
+    if self.prompts_per_row:
       host.update(self._group_rows(rollouts, host["tokens"]))
     batch = self._device_batch(host)
     t_pack = time.time()
@@ -335,7 +336,7 @@ class RLTrainer:
         self.advantage_fn(batch, self.state["kl_coef"]))
     t_advantages = time.time()
     num_rows = int(batch["tokens"].shape[0])
-    if self.share_prompts:
+    if self.prompts_per_row:
       batch = self.to_group_rows(batch, ppo.UPDATE_KEYS)
     if self.mesh is not None:     # rows split as the update's in_shardings (a no-op if so)
       batch = jax.device_put(batch, sharding.batch_sharding(self.mesh, self.rules))
