@@ -56,7 +56,8 @@ import numpy as np                                           # noqa: E402
 from benchmarks.common import matmul_flops_per_s             # noqa: E402
 from psgpo_jax.models import CausalLM, ModelConfig, init_params   # noqa: E402
 from psgpo_jax.models.hf_io import save_hf_checkpoint        # noqa: E402
-from psgpo_jax.sampling import SamplingConfig, generate      # noqa: E402
+from psgpo_jax.sampling import generate                      # noqa: E402
+from psgpo_jax.sampling_config import SamplingConfig         # noqa: E402
 
 MODEL = ModelConfig(architecture="qwen2", vocab_size=4096, hidden_size=512,
                     intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,

@@ -357,7 +357,7 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
     tokenizer: encodes prompts, decodes responses.
     problems: the problems to evaluate.
     sandbox: a `psgpo_jax.sandbox.Sandbox` (or anything with `run_many`).
-    sampling_config: a `psgpo_jax.sampling.SamplingConfig` (n = num_samples).
+    sampling_config: a `psgpo_jax.sampling_config.SamplingConfig` (n = num_samples).
     seed: sampling seed.
     rows_per_call: responses sampled per sampler call.
     mesh: optional mesh with a `data` axis the sampler splits rows over (the samples do

@@ -35,17 +35,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from psgpo_jax.fields import checked_fields
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM, check_length
 from psgpo_jax.models.transformer import default_positions, init_cache
+from psgpo_jax.sampling_config import SampleOutput, SamplingConfig
 from psgpo_jax.stop_strings import (StopMatcher, common_prefix_len, decode_fn,
                                     fewest_tokens_covering, token_texts)
 from psgpo_jax.token_sampling import sample_tokens
@@ -57,109 +57,6 @@ FINISH_REASONS = ("length", "eos", "stop")
 
 # How many times each static sampling setup was traced (compiled): tests and monitoring.
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-# --------------------------------------------------------------------------- config --
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """What to sample and how; hashable, so it keys the compiled functions.
-
-  Attributes:
-    max_new_tokens: M, new tokens per row at most (also the output width).
-    temperature: logits are divided by it before sampling (> 0).
-    top_k: keep the k most likely tokens (0 = off).
-    top_p: nucleus: keep the smallest set of most likely tokens whose probability (after
-      top-k) reaches top_p (1.0 = off).
-    greedy: argmax instead of sampling (temperature, top-k, top-p ignored).
-    num_samples: responses per prompt; the prompt's KV cache is computed once.
-    eos_ids: token ids that end a row; None = the model config's `eos_token_id`.
-    stop_strings: strings that end a row (needs a tokenizer); see the module docstring.
-    pad_id: token written after a row ends and used for padding.
-    min_prompt_bucket: smallest padded prompt length.
-    prompt_buckets: explicit padded prompt lengths (sorted); () = powers of two.
-    min_batch_bucket: smallest padded number of prompts; () below = powers of two.
-    batch_buckets: explicit padded numbers of prompts (sorted).
-  """
-  max_new_tokens: int = 128
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  greedy: bool = False
-  num_samples: int = 1
-  eos_ids: Optional[Tuple[int, ...]] = None
-  stop_strings: Tuple[str, ...] = ()
-  pad_id: int = 0
-  min_prompt_bucket: int = 16
-  prompt_buckets: Tuple[int, ...] = ()
-  min_batch_bucket: int = 1
-  batch_buckets: Tuple[int, ...] = ()
-
-  def __post_init__(self):
-    for name in ("eos_ids", "stop_strings", "prompt_buckets", "batch_buckets"):
-      value = getattr(self, name)
-      if value is not None and not isinstance(value, tuple):
-        object.__setattr__(self, name, tuple(value))
-    if self.max_new_tokens < 1:
-      raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1.")
-    if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"sampling.temperature={self.temperature} must be > 0 (or set greedy).")
-    if self.top_k < 0:
-      raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 = off).")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1].")
-    if self.num_samples < 1:
-      raise ValueError(f"sampling.num_samples={self.num_samples} must be >= 1.")
-    if any(not s for s in self.stop_strings):
-      raise ValueError("sampling.stop_strings must not contain the empty string.")
-    for name in ("prompt_buckets", "batch_buckets"):
-      if list(getattr(self, name)) != sorted(getattr(self, name)):
-        raise ValueError(f"sampling.{name}={getattr(self, name)} must be sorted.")
-
-  def replace(self, **changes) -> "SamplingConfig":
-    return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_dict(cls, values) -> "SamplingConfig":
-    """From a mapping such as `config.sampling`; comma-separated strings become tuples.
-
-    stop_strings "auto" not resolved for a data source (`data.prompts.
-    resolve_stop_strings`, which the pipeline's RunContext calls) means function stops.
-    """
-    values = checked_fields(cls, values, "sampling config")
-    if values.get("stop_strings") == "auto":   # unresolved (no data source): function stops
-      from psgpo_jax.data.prompts import FUNCTION_STOPS  # pylint: disable=import-outside-toplevel
-      values["stop_strings"] = FUNCTION_STOPS
-    if isinstance(values.get("stop_strings"), str):
-      values["stop_strings"] = tuple(s for s in values["stop_strings"].split(",") if s)
-    if isinstance(values.get("eos_ids"), str):
-      values["eos_ids"] = tuple(int(s) for s in values["eos_ids"].split(",") if s.strip())
-    return cls(**values)
-
-
-@dataclasses.dataclass
-class SampleOutput:
-  """Sampled responses, N = len(prompts) * num_samples rows, prompt-major.
-
-  Attributes:
-    tokens: [N, M] int32 new tokens (EOS included), `pad_id` after the end.
-    logprobs: [N, M] float32 log-probs under the sampling policy (see module doc), 0 after
-      the end.
-    mask: [N, M] bool, True for the kept response tokens.
-    lengths: [N] int32 kept tokens per row (= mask.sum(1)).
-    finish_reason: N strings: "eos", "stop" or "length".
-    texts: N decoded responses (new tokens only, EOS excluded), or None without a
-      tokenizer. With a prefix, `decode(prefix) + texts[i]` is the whole response.
-    prompt_index: [N] int32, the prompt each row answers (row // num_samples).
-  """
-  tokens: np.ndarray
-  logprobs: np.ndarray
-  mask: np.ndarray
-  lengths: np.ndarray
-  finish_reason: List[str]
-  texts: Optional[List[str]]
-  prompt_index: np.ndarray
 
 
 # ---------------------------------------------------------------------- bucketing --

@@ -107,7 +107,7 @@ def test_every_base_field_is_read_by_some_code_path():
   from psgpo_jax.prm.train import PRMTrainConfig  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.ppo import PPOConfig  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.rewards import RewardConfig  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling_config import SamplingConfig  # pylint: disable=import-outside-toplevel
   config = base.get_config()
   config.sampling.stop_strings = ""
   seen = set()

@@ -36,7 +36,8 @@ from psgpo_jax import train_step as ts
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params, logical_axes
 from psgpo_jax.prm.train import make_prm_loss
 from psgpo_jax.rl.ppo import PPOConfig, make_ppo_update
-from psgpo_jax.sampling import Sampler, SamplingConfig
+from psgpo_jax.sampling import Sampler
+from psgpo_jax.sampling_config import SamplingConfig
 from tolerances import ADAM_EPS, adam_param_atol, max_abs_difference
 
 # Dims divisible by 8 where it matters: 8 heads split over tensor=8; 4 kv heads split over

@@ -162,7 +162,8 @@ def test_inputs_longer_than_the_position_limit_are_refused_by_name():
 
 
 def test_the_sampler_refuses_prompts_that_leave_no_room_for_new_tokens():
-  from psgpo_jax.sampling import Sampler, SamplingConfig  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling_config import SamplingConfig  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(**{**TINY, "max_position_embeddings": 16})
   params = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
   sampler = Sampler(cfg, SamplingConfig(max_new_tokens=8, eos_ids=()))

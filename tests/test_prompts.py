@@ -10,7 +10,7 @@ from configs import base
 from psgpo_jax.configuration import ConfigError, validate_config
 from psgpo_jax.data import problems as P
 from psgpo_jax.data import prompts, record
-from psgpo_jax.sampling import SamplingConfig
+from psgpo_jax.sampling_config import SamplingConfig
 from psgpo_jax.sandbox import run_many
 from psgpo_jax.tokenization import line_spans, load_tokenizer
 

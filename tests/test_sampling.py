@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 from psgpo_jax import sampling
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
-from psgpo_jax.sampling import SamplingConfig, generate
+from psgpo_jax.sampling import generate
+from psgpo_jax.sampling_config import SamplingConfig
 from psgpo_jax.stop_strings import StopMatcher
 from psgpo_jax.token_sampling import sample_tokens
 

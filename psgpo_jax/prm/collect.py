@@ -266,7 +266,7 @@ def make_respond_fn(params: Any, model_cfg: Any, tokenizer: Any, sampling_config
 
 def sampling_config_for(config: Any, tokenizer: Any, num_samples: int, temperature: float):
   """The `SamplingConfig` of a pipeline config's `sampling` section, for labeling."""
-  from psgpo_jax.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling_config import SamplingConfig  # pylint: disable=import-outside-toplevel
   values = dict(config.sampling)
   eos = tokenizer.eos_token_id
   return SamplingConfig.from_dict(values).replace(

@@ -41,7 +41,8 @@ from psgpo_jax.rl.batch import prompt_group_rows, rollout_batch
 from psgpo_jax.rl.learner import (init_value_params, make_advantage_fn,
                                   make_scorer, make_update, rules_key, to_group_rows)
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
-from psgpo_jax.sampling import Sampler, SamplingConfig
+from psgpo_jax.sampling import Sampler
+from psgpo_jax.sampling_config import SamplingConfig
 from psgpo_jax.sandbox import HACK_KINDS, any_hack
 
 Array = jax.Array
