@@ -53,6 +53,7 @@ def get_config(variant: str = ""):
     c.collect.num_prompts = 8
     c.collect.responses_per_prompt = 2
     c.collect.completions = 2
+    c.collect.batch_responses = 8    # two label shards: a crash between them is tested
     c.collect.selection = "all"
     c.prm.steps = 5
     c.prm.batch_size = 4

@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from psgpo_jax import faults
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "meta")
@@ -194,6 +196,11 @@ class Checkpointer:
       self._manager.reload()
     return sorted(int(s) for s in self._manager.all_steps())
 
+  @property
+  def stage_name(self) -> str:
+    """The name of the folder above the checkpoint folder (e.g. "rl" for run/rl/checkpoints)."""
+    return os.path.basename(os.path.dirname(self.directory.rstrip("/")))
+
   def step_dir(self, step: int) -> str:
     """The directory of one step."""
     return str(epath.Path(self.directory) / str(step))
@@ -244,7 +251,9 @@ class Checkpointer:
       self._manager.delete(step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)),
                               meta=ocp.args.JsonSave(meta_json))
-    return bool(self._manager.save(step, args=args, force=force))
+    started = bool(self._manager.save(step, args=args, force=force))
+    faults.reached(f"save:{self.stage_name}:{step}")      # the save may still be in flight
+    return started
 
   # -- restore
 

@@ -1,5 +1,5 @@
-"""Evaluation plots: Best-of-K curves and pass@1 by length (matplotlib Agg canvas, no
-global pyplot state)."""
+"""Evaluation plots: Best-of-K curves, pass@1 by length and learning curves (matplotlib
+Agg canvas, no global pyplot state)."""
 from __future__ import annotations
 
 import os
@@ -15,9 +15,11 @@ def _figure(size: Tuple[float, float] = (5.0, 3.6)):
   return fig, fig.add_subplot(1, 1, 1)
 
 
-def _save(fig, ax, path: str, title: str) -> str:
-  """Shares in [0, 1] on the y axis, title, grid and legend; writes the PNG to `path`."""
-  ax.set_ylim(0, 1)
+def _save(fig, ax, path: str, title: str, full_range: bool = True) -> str:
+  """Title, grid and legend (shares in [0, 1] on the y axis when `full_range`); writes the
+  PNG to `path`."""
+  if full_range:
+    ax.set_ylim(0, 1)
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
@@ -52,3 +54,25 @@ def plot_pass_by_length(rows_by_label: Mapping[str, Sequence[Mapping[str, float]
   ax.set_xlabel(xlabel)
   ax.set_ylabel("pass@1")
   return _save(fig, ax, path, title)
+
+
+def plot_learning_curves(curves: Mapping[str, Mapping[int, Tuple[float, float]]], path: str,
+                         title: str = "held-out pass@1 during RL") -> str:
+  """Held-out pass@1 against RL updates, one line per label with a ±1 standard-error band.
+
+  Args:
+    curves: {label: {updates: (mean, stderr)}}, e.g. a setting's mean over seeds.
+    path: where the PNG goes.
+    title: the plot's title.
+  """
+  fig, ax = _figure((6.4, 4.2))
+  for label, curve in curves.items():
+    steps = sorted(curve)
+    mean = [curve[s][0] for s in steps]
+    lo = [curve[s][0] - curve[s][1] for s in steps]
+    hi = [curve[s][0] + curve[s][1] for s in steps]
+    line, = ax.plot(steps, mean, marker=".", label=label)
+    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+  ax.set_xlabel("RL updates")
+  ax.set_ylabel("pass@1")
+  return _save(fig, ax, path, title, full_range=False)

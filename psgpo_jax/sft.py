@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psgpo_jax import batching, checkpointing, train_step
+from psgpo_jax import batching, checkpointing, faults, train_step
 from psgpo_jax.models import CausalLM, ModelConfig
 from psgpo_jax.models.heads import GROUP_ROW_KEYS, row_inputs, shift_right, token_logprobs
 
@@ -175,6 +175,7 @@ def train_sft(params, model_cfg: ModelConfig, pairs, steps: int, batch_size: int
     batch = batch_arrays(next(batches), mesh, rules)
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
     checkpointing.save_on_schedule(checkpointer, step + 1, checkpoint_every, steps, state)
+    faults.reached(f"sft:{step + 1}", settle=checkpointer and checkpointer.wait)
     logged = step % max(1, log_every) == 0 or step == steps - 1
     if logged or step % 20 == 0:
       metrics = jax.device_get(metrics)

@@ -3,6 +3,7 @@ and plots, and a re-run continues instead of starting over."""
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -105,41 +106,70 @@ def _sft_policy(workdir):
   return load_file(path)
 
 
-def test_sft_killed_mid_run_resumes_to_the_policy_of_an_uninterrupted_run(tiny_run,
-                                                                           tmp_path):
-  """SIGKILL during SFT, after its first checkpoint: the re-run resumes from it (same
-  batches, same step keys) and ends with the uninterrupted run's policy."""
-  import shutil  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-  args = ["--config", "configs/quickstart.py:tiny", "--config.stages=sft",
-          "--config.sft.steps=300", "--config.sft.checkpoint_every=50"]
-  dirs = {name: str(tmp_path / name) for name in ("whole", "killed")}
-  for workdir in dirs.values():
-    os.makedirs(workdir)
-    shutil.copytree(os.path.join(tiny_run[0], "tokenizer"), os.path.join(workdir, "tokenizer"))
-  _run("experiments.train", *args, f"--config.workdir={dirs['whole']}")
+def _without_clock(row):
+  """A metrics or label row minus what depends on the wall clock."""
+  return {k: v for k, v in row.items()
+          if not any(w in k for w in ("time", "seconds", "per_s", "tok_s"))}
 
+
+def _jsonl_rows(pattern):
+  rows = []
+  for path in sorted(glob.glob(pattern)):
+    rows += [_without_clock(json.loads(l)) for l in open(path)]
+  return rows
+
+
+# (crash point, the stage it interrupts, what the next launch must say): mid-SFT after
+# the checkpoint of step 10, between the two label shards, and in the RL save of step 2.
+KILLS = (("sft:15", "sft", "[sft] resumed from the checkpoint of step 10"),
+         ("collect:0", "collect", "[collect] running"),
+         ("save:rl:2", "rl", "[rl] resumed from the checkpoint of step"))
+
+
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_run, tmp_path):
+  """SIGKILL mid-SFT, mid-collect and while an RL checkpoint is being written (each
+  launch is killed at one of `KILLS`); the last launch finishes, and every stage's output
+  equals the uninterrupted tiny run's: SFT policy, label shards, PRM metrics, each RL
+  step logged once with the same values, the eval report."""
+  from psgpo_jax import faults  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "killed")
+  command = [sys.executable, "-m", "experiments.train", "--config",
+             "configs/quickstart.py:tiny", f"--config.workdir={workdir}",
+             f"--config.compilation_cache={tmp_path / 'xla_cache'}"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
-                           f"--config.workdir={dirs['killed']}"], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = os.path.join(dirs["killed"], "sft", "checkpoints", "50", "meta")
-  deadline = time.time() + 600
-  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.kill()
-  proc.wait()
-  assert not os.path.exists(os.path.join(dirs["killed"], "sft", "result.json")), (
-      "SFT finished before the kill: the test needs more steps after the checkpoint")
-  stdout = _run("experiments.train", *args, f"--config.workdir={dirs['killed']}")
-  assert "[sft] resumed from the checkpoint of step" in stdout
-  whole, resumed = _sft_policy(dirs["whole"]), _sft_policy(dirs["killed"])
-  assert whole.keys() == resumed.keys()
-  for name, value in whole.items():
+  said = ""
+  for point, stage, _ in KILLS:
+    out = subprocess.run(command, cwd=ROOT, env={**env, faults.KILL_AT_ENV: point},
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == -signal.SIGKILL, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"killing the process at {point}" in out.stderr
+    assert not os.path.exists(os.path.join(workdir, stage, "result.json"))
+    said += out.stdout
+  out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  said += out.stdout
+  for _, _, message in KILLS:
+    assert message in said
+
+  whole = tiny_run[0]
+  ref, resumed = _sft_policy(whole), _sft_policy(workdir)
+  assert ref.keys() == resumed.keys()
+  for name, value in ref.items():
     np.testing.assert_allclose(resumed[name], value, rtol=0, atol=1e-6, err_msg=name)
-  steps = [json.loads(l)["step"] for l in open(os.path.join(dirs["killed"], "sft",
-                                                            "metrics.jsonl"))]
-  assert steps == sorted(set(steps)) and steps[-1] == 299        # each step logged once
+  shards = os.path.join("collect", "labels-*.jsonl")
+  assert _jsonl_rows(os.path.join(workdir, shards)) == _jsonl_rows(os.path.join(whole, shards))
+  assert len(glob.glob(os.path.join(workdir, shards))) == 2
+  for stage in ("prm", "eval"):
+    assert (_without_clock(json.load(open(os.path.join(workdir, stage, "result.json"))))
+            == pytest.approx(_without_clock(json.load(open(os.path.join(whole, stage,
+                                                                          "result.json"))))))
+  rl_rows = _jsonl_rows(os.path.join(workdir, "rl", "metrics.jsonl"))
+  assert [r["step"] for r in rl_rows] == sorted({r["step"] for r in rl_rows})   # once each
+  ref_rows = _jsonl_rows(os.path.join(whole, "rl", "metrics.jsonl"))
+  assert len(rl_rows) == len(ref_rows)
+  for row, ref in zip(rl_rows, ref_rows):
+    assert row == pytest.approx(ref), f"RL step {ref['step']}"
 
 
 @pytest.mark.slow

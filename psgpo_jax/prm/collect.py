@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from psgpo_jax import faults
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.lines import split_lines
 from psgpo_jax.prm.labeler import (LabelingConfig, OracleFn, _agreement,
@@ -114,6 +115,7 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
     for row in rows:
       row["batch_seconds"] = seconds
     write_shard(out_dir, b, rows)
+    faults.reached(f"collect:{b}")
     new_batches += 1
     if log_fn is not None:
       log_fn(b, {**_stats(rows, config), "batch_seconds": seconds,
