@@ -264,8 +264,17 @@ def _nan_for_null(result: Mapping[str, Any]) -> Dict[str, Any]:
   return {k: float("nan") if v is None else v for k, v in result.items()}
 
 
-def _setup_lines(base_config, run_config, sft, collect, prm, runs) -> List[str]:
-  rl = run_config["rl"]
+def _run_configs(runs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """The config of the first run, and of the first run with dense rewards (its λ apply)."""
+  configs = [_read_json(os.path.join(r["dir"], "config.json"))
+             for rows in runs.values() for r in rows]
+  dense = [c for c in configs if c["rl"]["dense_reward"]]
+  return configs[0], (dense or configs)[0]
+
+
+def _setup_lines(base_config, sft, collect, prm, runs) -> List[str]:
+  run_config, dense_config = _run_configs(runs)
+  rl, reward = run_config["rl"], dense_config["rl"]["reward"]
   seconds = sum(r["rl"].get("seconds", 0) for rows in runs.values() for r in rows)
   data = base_config["data"]
   return [
@@ -280,7 +289,8 @@ def _setup_lines(base_config, run_config, sft, collect, prm, runs) -> List[str]:
       f"- RL per run: {rl['steps']} steps x {rl['prompts_per_step']} prompts x "
       f"{rl['samples_per_prompt']} samples, policy lr {rl['policy_lr']}, value lr "
       f"{rl['value_lr']}, KL {rl['reward']['kl_coef']} ({rl['reward']['kl_estimator']}), "
-      f"dense λ fail/pass {rl['reward']['dense_coef_fail']}/{rl['reward']['dense_coef_pass']}; "
+      f"dense λ fail/pass {reward['dense_coef_fail']}/{reward['dense_coef_pass']} "
+      "(the settings with dense rewards); "
       f"{len(next(iter(runs.values())))} seed(s) per setting (seeds vary only the RL stage).",
       f"- Evaluation: {run_config['eval']['num_samples']} samples per held-out problem at "
       f"temperature {run_config['eval']['temperature']} after RL (pass@k by the unbiased "
@@ -398,13 +408,12 @@ def write_report(root: str, runs: Mapping[str, Sequence[Dict[str, Any]]], out_di
   prm = _nan_for_null(_read_json(os.path.join(shared, "prm", "result.json")))
   agreement_path = os.path.join(shared, "collect", "agreement_by_k.json")
   agreement = _read_json(agreement_path) if os.path.exists(agreement_path) else []
-  run_config = _read_json(os.path.join(next(iter(runs.values()))[0]["dir"], "config.json"))
   table = setting_table(runs)
   plots = write_plots(runs, out_dir)
   lines = ["# Replication on the synthetic suite: the paper's ablation at CPU scale\n",
            f"Produced by `{command}` (experiments/ablation.py). Every number below comes "
            "from that run's files; re-running the command rewrites this page.\n"]
-  lines += _setup_lines(base_config, run_config, sft, collect, prm, runs)
+  lines += _setup_lines(base_config, sft, collect, prm, runs)
   lines += _setting_lines(table, runs)
   lines += _claim_lines(table, runs)
   lines += ["## Plots\n"] + [f"![{name}]({os.path.basename(p)})\n" for name, p in plots.items()]

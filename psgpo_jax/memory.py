@@ -36,9 +36,12 @@ keeps for backprop
 
 Without remat all L layers keep this. With remat (`model.remat`, `nn.remat` per layer)
 each layer keeps only its input (B*T*D*b) and one layer's full set is live again during
-its backward. Both add the embedding output and final norm (2*B*T*D*b) and, for the causal
-LM, the float32 logits and log-softmax (2*B*T*V*4). XLA's fusion usually keeps less and
-its temporary buffers add some; treat the number as a planning estimate, not a promise.
+its backward. Both add the embedding output and final norm (2*B*T*D*b), the gradients of
+the layer being back-propagated (one layer's full set again) and, for the causal LM, the
+float32 logits and log-softmax and the logits' gradient (3*B*T*V*4). Against XLA's own
+count (`compile().memory_analysis().temp_size_in_bytes` of the gradient step,
+tests/test_memory.py) the estimate is within 20% on the sizes tested; treat it as a
+planning estimate, not a promise.
 """
 from __future__ import annotations
 
@@ -252,10 +255,13 @@ def activation_bytes(cfg: ModelConfig, mesh, rules: Mapping[str, Any], batch: in
     layers = cfg.num_hidden_layers * hidden * b + full_layer
   else:
     layers = cfg.num_hidden_layers * full_layer
+  backward = full_layer          # the gradients of the layer being back-propagated
   outside = 2 * hidden * b
   if with_logits:
-    outside += 2 * elems(("batch", "length", "vocab"), (b_, t, v)) * 4
-  return layers + outside
+    logits = elems(("batch", "length", "vocab"), (b_, t, v)) * 4
+    outside += 2 * logits
+    backward += logits           # the gradient of the logits
+  return layers + backward + outside
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -12,6 +12,7 @@ import pytest
 from psgpo_jax import memory, sharding
 from psgpo_jax import train_step as ts
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
+from psgpo_jax.models.transformer import init_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -78,29 +79,57 @@ def test_sharded_bytes_divide_as_the_rules_say():
   assert item(single, "params/policy") > 3.5 * item(plan, "params/policy")
 
 
-def test_kv_cache_and_activation_estimates():
+def test_kv_cache_equals_the_sampler_cache_and_splits_as_the_rules_say():
   one = memory.plan_memory(CFG, (1, 1, 1), **SIZES)
-  # rollout_batch x max_len x layers x (k, v) x kv_heads x head_dim x 4 bytes.
-  assert item(one, "kv_cache") == 8 * 32 * 1 * 2 * 4 * 8 * 4
+  cache = init_cache(CFG, SIZES["rollout_batch"], SIZES["max_len"])
+  assert item(one, "kv_cache") == sum(x.nbytes for x in jax.tree.leaves(cache))
   split = memory.plan_memory(CFG, (2, 2, 2), **SIZES)    # rows over data, kv heads over tensor
   assert item(split, "kv_cache") == item(one, "kv_cache") // 4
   wide = memory.plan_memory(CFG, (1, 1, 8), **SIZES)     # 4 kv heads do not split 8 ways
   assert item(wide, "kv_cache") == item(one, "kv_cache")
-  # The documented formula, one layer, one device: b=4 bytes, B=8, T=16.
-  b_, t, d, h, kv, dh, f, v = 8, 16, 64, 8, 4, 8, 128, 128
-  layer = b_ * t * (4 * d + (2 * h + 2 * kv) * dh + 3 * f) * 4 + b_ * h * t * t * 8
-  assert item(one, "activations/policy") == layer + 2 * b_ * t * d * 4 + 2 * b_ * t * v * 4
-  assert item(one, "activations/value") == layer + 2 * b_ * t * d * 4
-  # Rows split over data x fsdp = 8 devices.
-  rows = memory.plan_memory(CFG, (2, 4, 1), **SIZES)
+
+
+def _compiled_gradient_temp_bytes(module, batch, seq_len):
+  """XLA's count of the temporary bytes of one gradient step of `module` (one device)."""
+  params = init_params(module, jax.random.PRNGKey(0))
+  tokens = jax.numpy.zeros((batch, seq_len), jax.numpy.int32)
+
+  def loss(p, tokens):
+    out = module.apply({"params": p}, tokens).astype(jax.numpy.float32)
+    if out.ndim == 3:                                      # the causal LM: token NLL
+      out = jax.numpy.take_along_axis(jax.nn.log_softmax(out), tokens[..., None], -1)
+    return -out.mean()
+
+  compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("layers,hidden,vocab,batch,seq_len", [
+    (2, 128, 512, 4, 256), (4, 256, 2048, 8, 64)])
+def test_activation_estimate_is_within_a_quarter_of_the_compilers_count(layers, hidden, vocab,
+                                                                          batch, seq_len):
+  """The planner's activations against `memory_analysis()` of the compiled gradient
+  step, for the causal LM and the scalar head (without remat: XLA's CPU scheduler does
+  not realise remat's savings, so the remat estimate is checked only for its order)."""
+  cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                    num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4)
+  mesh = memory._abstract_mesh((1, 1, 1), sharding.AXIS_NAMES)
+  rules = sharding.make_rules()
+  for module, with_logits in ((CausalLM(cfg), True), (ScalarModel(cfg), False)):
+    planned = memory.activation_bytes(cfg, mesh, rules, batch, seq_len, remat=False,
+                                      with_logits=with_logits)
+    compiled = _compiled_gradient_temp_bytes(module, batch, seq_len)
+    assert 0.75 < planned / compiled < 1.25, (type(module).__name__, planned, compiled)
+    assert memory.activation_bytes(cfg, mesh, rules, batch, seq_len, remat=True,
+                                   with_logits=with_logits) < planned
+
+
+def test_activations_split_over_rows_and_shrink_with_query_blocks():
+  one = memory.plan_memory(CFG, (1, 1, 1), **SIZES)
+  rows = memory.plan_memory(CFG, (2, 4, 1), **SIZES)     # rows over data x fsdp = 8 devices
   assert item(rows, "activations/value") == item(one, "activations/value") // 8
-  # Causal attention in 4 query blocks of 4 keeps (4 + 1) / (2 * 4) of the scores.
   blocked = memory.plan_memory(CFG.replace(attention_query_block=4), (1, 1, 1), **SIZES)
-  assert (item(one, "activations/value") - item(blocked, "activations/value")
-          == b_ * h * t * t * 8 * 3 // 8)
-  deep = CFG.replace(num_hidden_layers=8)
-  assert (item(memory.plan_memory(deep, (1, 1, 1), **SIZES, remat=True), "activations/policy")
-          < item(memory.plan_memory(deep, (1, 1, 1), **SIZES), "activations/policy"))
+  assert item(blocked, "activations/value") < item(one, "activations/value")
 
 
 def test_a_7b_config_on_a_16gb_device_is_refused_with_the_number():
