@@ -277,3 +277,35 @@ def test_comment_and_blank_lines_are_neutral_for_the_oracle():
   broken[3] = "    " + broken[3].strip().split("=")[0] + "= 12345"
   assert oracle.first_error_line(p, "\n".join(broken)) == 3
   assert oracle.oracle_line_labels(p, broken[:-1]) == [1, 0, 0, -1, -1, -1]
+
+
+def test_oracle_matches_the_interpreter_on_prefixes_completed_by_the_reference(train):
+  """An independent reference for the oracle: line k is the first wrong line iff the
+  response's lines up to k, completed by the reference's later lines, is the first such
+  program that fails the tests when the real interpreter runs it (in the sandbox). The
+  wrong lines are drawn from the mutations unfiltered (`corrupt_line` keeps only those
+  the oracle agrees with, so it cannot test the oracle)."""
+  rng = np.random.default_rng(3)
+  cases = []
+  for p in train[:60]:
+    ref = oracle.response_lines(p.reference)
+    k = int(rng.integers(len(ref)))
+    names = list(S.ARGS) + list(S.LOCALS[:k + 1])
+    wrong = corpus._mutations(ref[k][len(oracle.INDENT):], names, rng)  # pylint: disable=protected-access
+    if wrong:
+      cases.append((p, ref, ref[:k] + [oracle.INDENT + wrong[0]] + ref[k + 1:]))
+  assert len(cases) > 50
+  text = lambda lines: "".join(l + "\n" for l in lines)
+  jobs = [(p.program(text(lines[:j + 1] + ref[j + 1:])), p.tests)
+          for p, ref, lines in cases for j in range(len(lines))]
+  results = iter(run_jobs(jobs))
+  disagreements, wrong_found = [], 0
+  for p, ref, lines in cases:
+    passed = [next(results).passed for _ in lines]
+    expected = next((j for j, ok in enumerate(passed) if not ok), None)
+    wrong_found += expected is not None
+    got = oracle.first_error_line(p, text(lines))
+    if got != expected:
+      disagreements.append((p.id, lines, got, expected))
+  assert not disagreements, disagreements[:3]
+  assert wrong_found > 0.8 * len(cases)          # most unfiltered mutations are wrong

@@ -35,6 +35,10 @@ class LineError(Exception):
   """A line is outside the grammar or fails when run (the oracle's "wrong line")."""
 
 
+# What running a candidate line can raise besides a grammar error: each makes it wrong.
+_RUN_ERRORS = (LineError, RecursionError, MemoryError, OverflowError, TypeError)
+
+
 Env = Dict[str, int]
 # A compiled line: env -> (new env, returned value or None, whether it returned).
 Compiled = Callable[[Env], Tuple[Env, Optional[int], bool]]
@@ -242,7 +246,8 @@ def line_correctness(problem: Problem, response: str) -> List[bool]:
 
   Lines are compared in order with the reference's lines, on every test input: after line
   k the candidate must hold the same values as the reference for every name the rest of
-  the reference reads (or return the same value where the reference returns). The first
+  the reference reads (or return the same value where the reference returns), or the rest
+  of the reference, run from its state, must still return the expected outputs. The first
   wrong line and every later line are False (a wrong state is not repaired by alignment).
   Lines outside the grammar, lines that fail to run, extra lines and early returns are
   wrong. A response that stops early has only right lines here but is still incomplete:
@@ -269,8 +274,13 @@ def first_error_line(problem: Problem, response: str) -> Optional[int]:
   the result is `len(response_lines(response))`: the first MISSING line. Blank and
   comment-only lines are neutral (never the error; skipped when aligning with the
   reference), as they are for PRM labels and dense rewards.
-  None implies the response passes the tests; the converse fails only for responses that
-  repair a wrong state later or pad with extra harmless lines.
+  A line whose state differs from the reference's is still right when the reference's
+  remaining lines, run from that state, return the expected output on every test input
+  (the rest of the program masks the difference, e.g. a factor that is 0 on these
+  inputs): then the prefix can be completed to a passing program, which is what a
+  binary-search label means. None implies the response passes the tests; the converse
+  fails only for responses that repair a wrong state with lines the reference does not
+  have, or pad with extra harmless lines.
 
   Args:
     problem: a synthetic problem.
@@ -283,27 +293,45 @@ def first_error_line(problem: Problem, response: str) -> Optional[int]:
   ref_lines = response_lines(problem.reference)
   cand_lines = response_lines(response)
   live = liveness(ref_lines)
+  outputs = problem.metadata["outputs"]
   ref_states = [(env, None, False) for env in _inputs(problem)]
   cand_states = list(ref_states)
   step = 0                                  # reference line the next code line must match
   for k, line in enumerate(cand_lines):
     if is_trivial_line(line):               # blank / comment-only: neutral, as in labels
       continue
-    if step >= len(ref_lines):
-      return k
+    if step >= len(ref_lines) or all(returned for _, _, returned in cand_states):
+      return k                              # an extra line, or dead code after a return
     try:
       compiled = compile_line(line)
-      new_cand = [compiled(env) for env, _, _ in cand_states]
-    except (LineError, RecursionError, MemoryError, OverflowError, TypeError):
+      new_cand = [state if state[2] else compiled(state[0]) for state in cand_states]
+    except _RUN_ERRORS:
       return k
     ref_states = [run_line(ref_lines[step], env) for env, _, _ in ref_states]
-    if not all(_states_match(r, c, live[step]) for r, c in zip(ref_states, new_cand)):
+    if not (all(_states_match(r, c, live[step]) for r, c in zip(ref_states, new_cand))
+            or _reference_completes(ref_lines[step + 1:], new_cand, outputs)):
       return k
     cand_states = new_cand
     step += 1
-  if step < len(ref_lines):
+  if step < len(ref_lines) and not all(returned for _, _, returned in cand_states):
     return len(cand_lines)
   return None
+
+
+def _reference_completes(rest: Sequence[str], states, outputs: Sequence[int]) -> bool:
+  """Whether the reference's lines `rest`, run from each candidate (env, value, returned)
+  state, return the expected output on every test input."""
+  for (env, value, returned), expected in zip(states, outputs):
+    try:
+      for line in rest:
+        if returned:
+          break
+        env, value, returned = run_line(line, env)
+    except _RUN_ERRORS:
+      return False
+    if not returned or value != expected:
+      return False
+  return True
 
 
 def oracle_line_labels(problem: Problem, lines: Sequence[str]) -> List[int]:
