@@ -374,6 +374,26 @@ def test_agreement_by_k_grows_with_k_for_a_noisy_completer(problems):
   assert agreement[0] < agreement[2] and agreement[2] >= 0.9
   # A missed recoverable prefix blames an earlier line: the offset is <= 0 and shrinks.
   assert report[0]["mean_first_bad_minus_oracle"] < report[2]["mean_first_bad_minus_oracle"] <= 0
+  # Label noise against the oracle: K = 1 misses a recoverable prefix 70% of the time,
+  # K = 16 almost never (0.7^16); the completer never rescues an unrecoverable prefix.
+  misses = [r["probe_false_fail_share"] for r in report]
+  assert 0.5 < misses[0] < 0.9 and misses[2] < 0.05
+  assert all(r["probe_false_pass_share"] == 0.0 for r in report)
+
+
+def test_probe_outcomes_against_the_oracle_count_both_kinds_of_label_noise():
+  # 4 step lines (line 1 a comment), the oracle's first wrong line is line 3 (step 2):
+  # prefixes of <= 2 steps are right.
+  row = {"searched": True, "trivial": [False, True, False, False, False], "lines": [""] * 5,
+         "first_bad": 3, "oracle_first_bad": 3, "line_labels": [1, 0, 1, -1, -1],
+         "trace": [{"m": 2, "passes": 0},     # right prefix, every completion failed
+                   {"m": 1, "passes": 3},     # right prefix, passed
+                   {"m": 3, "passes": 1},     # wrong prefix, a completion passed
+                   {"m": 4, "passes": 0}]}    # wrong prefix, failed
+  stats = labeler._agreement([row])  # pylint: disable=protected-access
+  assert stats["probe_outcomes"] == 4
+  assert stats["probe_false_fail_share"] == 0.5 and stats["probe_false_pass_share"] == 0.5
+  assert stats["oracle_first_bad_agreement"] == 1.0
 
 
 # ----------------------------------------------------------------------------- production

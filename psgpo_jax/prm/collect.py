@@ -154,7 +154,7 @@ def _stats(rows: Sequence[Row], config: LabelingConfig) -> Dict[str, Any]:
   stats.update({f"selected_{k}": v for k, v in counts.items()})
   signed = counts["positive_lines"] + counts["negative_lines"]
   stats["selected_positive_share"] = counts["positive_lines"] / max(signed, 1)
-  stats.update(_agreement(rows))
+  stats.update(_agreement(rows, config.skip_trivial_lines))
   return stats
 
 

@@ -178,22 +178,43 @@ def label_batch(problems: Sequence[Any], responses: Sequence[str], passed: Seque
 # ----------------------------------------------------------------------------- agreement
 
 
-def _agreement(rows: Sequence[Row]) -> Dict[str, float]:
-  """Binary-search first bad line vs the oracle's first error line (searched rows)."""
+def _agreement(rows: Sequence[Row], skip_trivial_lines: bool = True) -> Dict[str, float]:
+  """Binary-search labels against the oracle's first error line (searched rows).
+
+  Besides first-wrong-line and per-line agreement, it counts the probes whose outcome
+  contradicts the oracle, i.e. the label noise: a search never probes a prefix on the far
+  side of an outcome it has seen, so non-monotone outcomes cannot show inside one search;
+  against the oracle they can. `probe_false_fail_share`: of the probes whose prefix the
+  oracle calls right, the share where all K completions failed (too few samples);
+  `probe_false_pass_share`: of the probes whose prefix it calls wrong, the share where a
+  completion passed (a later line repaired the state).
+  """
   searched = [r for r in rows if r["searched"] and "oracle_first_bad" in r]
   if not searched:
     return {}
   exact = np.mean([r["first_bad"] == r["oracle_first_bad"] for r in searched])
   line_hits, line_total = 0, 0
+  false = {True: 0, False: 0}            # oracle says right / wrong -> contradicting probes
+  total = {True: 0, False: 0}
   for r in searched:
     oracle = oracle_labels(r["trivial"], r["lines"], r["oracle_first_bad"])
     for y, o in zip(r["line_labels"], oracle):
       if y != 0:
         line_total += 1
         line_hits += int(y == o)
+    step_lines = [j for j, t in enumerate(r["trivial"]) if not (skip_trivial_lines and t)]
+    first = r["oracle_first_bad"]
+    right_steps = len(step_lines) if first is None else sum(j < first for j in step_lines)
+    for probe in r["trace"]:
+      right = probe["m"] <= right_steps
+      total[right] += 1
+      false[right] += int((probe["passes"] > 0) != right)
   return {"oracle_first_bad_agreement": float(exact),
           "oracle_line_agreement": line_hits / max(line_total, 1),
-          "oracle_rows": len(searched)}
+          "oracle_rows": len(searched),
+          "probe_outcomes": total[True] + total[False],
+          "probe_false_fail_share": false[True] / max(total[True], 1),
+          "probe_false_pass_share": false[False] / max(total[False], 1)}
 
 
 def oracle_labels(trivial: Sequence[bool], lines: Sequence[str],
@@ -245,7 +266,9 @@ def label_agreement_by_k(problems: Sequence[Any], responses: Sequence[str],
   Returns:
     Per k: {"k", "first_bad_agreement" (exact first bad line), "line_agreement"
     (step lines whose label matches the oracle's), "completions_per_response",
-    "mean_first_bad_minus_oracle" (signed, lines; > 0 = the search blames later)}.
+    "mean_first_bad_minus_oracle" (signed, lines; > 0 = the search blames later),
+    "probe_false_fail_share", "probe_false_pass_share" (probe outcomes that contradict
+    the oracle, `_agreement`)}.
   """
   cached = CachedProbe(outcomes_fn, max(ks))
   oracle = [oracle_fn(p, r) for p, r in zip(problems, responses)]
@@ -256,12 +279,14 @@ def label_agreement_by_k(problems: Sequence[Any], responses: Sequence[str],
                        config)
     for row, o in zip(rows, oracle):
       row["oracle_first_bad"] = o
-    agreement = _agreement(rows)
+    agreement = _agreement(rows, skip_trivial_lines)
     offsets = [r["first_bad"] - r["oracle_first_bad"] for r in rows
                if r["first_bad"] is not None and r["oracle_first_bad"] is not None]
     out.append({"k": k, "first_bad_agreement": agreement.get("oracle_first_bad_agreement", 0.0),
                 "line_agreement": agreement.get("oracle_line_agreement", 0.0),
                 "completions_per_response": float(np.mean([r["completions_spent"]
                                                            for r in rows])) if rows else 0.0,
-                "mean_first_bad_minus_oracle": float(np.mean(offsets)) if offsets else 0.0})
+                "mean_first_bad_minus_oracle": float(np.mean(offsets)) if offsets else 0.0,
+                "probe_false_fail_share": agreement.get("probe_false_fail_share", 0.0),
+                "probe_false_pass_share": agreement.get("probe_false_pass_share", 0.0)})
   return out

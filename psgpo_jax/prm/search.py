@@ -16,8 +16,10 @@ recoverable gets its last step as the first bad one (only it is labelled -1): co
 it was possible until the last line, which made it fail. Monotonicity is assumed, not
 checked: the search's probes are nested (after a failing prefix it only probes shorter
 ones, after a recoverable one only longer ones), so one search never sees a violation;
-`labeler.label_agreement_by_k` and the oracle agreement in the collect stats measure the
-label noise that a violation would cause. A response costs at most K * ceil(log2(n)) <=
+where an oracle exists, the collect stats count the probe outcomes that contradict it
+(`probe_false_fail_share`: all K completions of a right prefix failed;
+`probe_false_pass_share`: a wrong prefix was completed to a pass), the label noise a
+violation would cause, and `labeler.label_agreement_by_k` reports them per K. A response costs at most K * ceil(log2(n)) <=
 K * ceil(log2(n + 1)) completions, against K * (n - 1) for a linear scan (Math-Shepherd).
 
 Here: one search as a value advanced one probe at a time (`SearchState`, `new_search`,
