@@ -43,8 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- problems ---------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"          # synthetic | humaneval | mbpp | livecodebench | apps
-  c.data.train_path = ""               # local file in the source's published format
+  c.data.source = "synthetic"          # synthetic | humaneval | mbpp | livecodebench | apps |
+                                       # tfds (a set written by experiments/prepare_tfds.py)
+  c.data.train_path = ""               # local file in the source's published format (tfds:
+                                       # the TFDS data_dir)
+  c.data.tfds_name = ""                # tfds: the problem set's name under data.train_path
+  c.data.tfds_eval_split = "eval"      # tfds: the held-out split ("" = hold out
+                                       # data.eval_fraction of train, by hash)
   c.data.eval_path = ""                # held-out problems ("" = a split of train, or built-in)
   c.data.on_bad_row = "skip"           # skip (with a report) | error
   c.data.eval_fraction = 0.2           # share held out when eval_path is empty (non-synthetic)

@@ -15,7 +15,7 @@ CHOICES = {
     "model.architecture": ("qwen2", "llama"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "data.source": ("synthetic", "humaneval", "mbpp", "livecodebench", "apps"),
+    "data.source": ("synthetic", "humaneval", "mbpp", "livecodebench", "apps", "tfds"),
     "data.on_bad_row": ("skip", "error"),
     "data.prompt_format": ("plain", "chat"),
     "collect.selection": ("revised", "failed", "all"),
@@ -119,7 +119,11 @@ def _problems(config: ml_collections.ConfigDict) -> Iterable[str]:
   shape = tuple(config.mesh.shape)
   if len(shape) != 3 or list(shape).count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     yield f"mesh.shape={shape}: three sizes (data, fsdp, tensor), at most one -1"
-  if config.data.source != "synthetic" and not config.data.train_path and \
+  if config.data.source == "tfds":
+    if not config.data.train_path or not config.data.tfds_name:
+      yield ("data.source='tfds' needs data.train_path (the TFDS data_dir) and "
+             "data.tfds_name (the set's name; write one with experiments/prepare_tfds.py)")
+  elif config.data.source != "synthetic" and not config.data.train_path and \
       config.data.source != "humaneval":
     yield f"data.source={config.data.source!r} needs data.train_path (a local file)"
 

@@ -41,7 +41,8 @@ class RunContext:
 
   def __init__(self, config: ml_collections.ConfigDict):
     from psgpo_jax.data.prompts import resolve_stop_strings  # pylint: disable=import-outside-toplevel
-    resolve_stop_strings(config)          # "auto": the data source's own stop strings
+    # "auto": the data source's own stop strings (a tfds set's: its problems' source).
+    resolve_stop_strings(config, run_setup.problem_source(config))
     use_compilation_cache(config.compilation_cache)
     self.config = config
     self.workdir = os.path.abspath(config.workdir)

@@ -13,12 +13,26 @@ import ml_collections
 from psgpo_jax.configuration import ConfigError, model_config
 
 
+def problem_source(config: ml_collections.ConfigDict) -> str:
+  """The source whose conventions the run follows (stop strings, SFT corpus, oracle,
+  tokenizer): `data.source`, or for `tfds` the one source of the set's problems."""
+  if config.data.source != "tfds":
+    return config.data.source
+  from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  sources = tfds_builders.set_sources(config.data.train_path, config.data.tfds_name)
+  if len(sources) != 1:
+    raise ConfigError(f"The tfds set {config.data.tfds_name!r} mixes the sources {sources}: "
+                      "set sampling.stop_strings and tokenizer.path explicitly, or write one "
+                      "set per source.")
+  return sources[0]
+
+
 def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """The configured tokenizer, or the synthetic suite's BPE (built once in workdir)."""
   from psgpo_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
   path = config.tokenizer.path or config.model.path
   if not path:
-    if config.data.source != "synthetic":
+    if problem_source(config) != "synthetic":
       raise ConfigError("Set tokenizer.path (or model.path) to a local tokenizer directory: "
                         "only the synthetic suite builds its own tokenizer.")
     from psgpo_jax.data import synthetic_corpus  # pylint: disable=import-outside-toplevel
@@ -67,6 +81,14 @@ def _load_splits(config: ml_collections.ConfigDict) -> Dict[str, list]:
     horizons = range(data.min_horizon, data.max_horizon + 1)
     return {"train": synthetic.make_split(config.seed, data.num_train, horizons, "train"),
             "eval": synthetic.make_split(config.seed + 1, data.num_eval, horizons, "test")}
+  if data.source == "tfds":     # random-access array_record files, no TensorFlow
+    from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+    train = list(tfds_builders.read_problems(data.train_path, data.tfds_name, "train"))
+    if data.tfds_eval_split:
+      return {"train": train, "eval": list(tfds_builders.read_problems(
+          data.train_path, data.tfds_name, data.tfds_eval_split))}
+    train, held_out = record.split_by_hash(train, data.eval_fraction, salt=str(config.seed))
+    return {"train": train, "eval": held_out}
   kwargs = {"on_bad_row": data.on_bad_row}
   train = problems_lib.load_problems(data.source, data.train_path or None, **kwargs)
   if data.eval_path:

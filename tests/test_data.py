@@ -298,3 +298,43 @@ def test_split_by_hash_is_stable():
   shuffled = list(reversed(problems[:80]))
   _, evals_part = split_by_hash(shuffled, 0.25, salt="s")
   assert {p.id for p in evals_part} == {p.id for p in evals if p in problems[:80]}
+
+
+def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_from(tmp_path):
+  """experiments/prepare_tfds.py writes the tiny config's problems; a run with
+  data.source=tfds then loads the same train and held-out problems, follows the set's
+  source (synthetic: its stop strings, corpus, oracle), and trains from the command line."""
+  import subprocess
+  import sys
+  from configs import quickstart
+  from experiments import prepare_tfds
+  from psgpo_jax import run_setup
+  from psgpo_jax.configuration import ConfigError, validate_config
+  config = quickstart.get_config("tiny")
+  direct = run_setup.load_run_problems(config)
+  data_dir = str(tmp_path / "tfds")
+  prepare_tfds.prepare(config, data_dir, "tiny_set")
+  assert tfds_builders.set_sources(data_dir, "tiny_set") == ["synthetic"]
+  from_set = config.copy_and_resolve_references()
+  from_set.data.source, from_set.data.train_path = "tfds", data_dir
+  from_set.data.tfds_name = "tiny_set"
+  validate_config(from_set)
+  assert run_setup.problem_source(from_set) == "synthetic"
+  assert run_setup.load_run_problems(from_set) == direct
+  from_set.data.tfds_eval_split = ""        # no held-out split: a hash split of train
+  loaded = run_setup.load_run_problems(from_set)
+  assert sorted(p.id for p in loaded["train"] + loaded["eval"]) == sorted(
+      p.id for p in direct["train"])
+  from_set.data.tfds_name = ""
+  with pytest.raises(ConfigError, match="data.tfds_name"):
+    validate_config(from_set)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py:tiny",
+       f"--config.workdir={tmp_path / 'run'}", "--config.stages=sft", "--config.sft.steps=2",
+       "--config.data.source=tfds", f"--config.data.train_path={data_dir}",
+       "--config.data.tfds_name=tiny_set"], cwd=root, env=env, capture_output=True,
+      text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert os.path.exists(tmp_path / "run" / "sft" / "result.json")

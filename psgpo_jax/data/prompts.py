@@ -15,7 +15,7 @@ and chat answers after the closing fence (EOS, e.g. `<|im_end|>`, ends them too)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from psgpo_jax.data.problems import LCB_ANSWER
 from psgpo_jax.data.record import Problem
@@ -57,14 +57,15 @@ def stop_strings(source: str, prompt_format: str = "plain") -> Tuple[str, ...]:
   return STOP_STRINGS[source]
 
 
-def resolve_stop_strings(config) -> None:
+def resolve_stop_strings(config, source: Optional[str] = None) -> None:
   """Replaces `config.sampling.stop_strings == "auto"` by the data source's own, in place.
 
   Args:
     config: a pipeline ConfigDict (`data.source`, `data.prompt_format`, `sampling`).
+    source: the problems' source when it is not `data.source` (a tfds set's).
   """
   if config.sampling.stop_strings == "auto":
-    stops = stop_strings(config.data.source, config.data.get("prompt_format", "plain"))
+    stops = stop_strings(source or config.data.source, config.data.get("prompt_format", "plain"))
     config.sampling.stop_strings = ",".join(stops)
 
 

@@ -11,6 +11,7 @@ features for filtering without decoding (id, source, horizon, number of tests).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, overload
@@ -19,9 +20,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from psgpo_jax.data.record import Problem, num_tests, problem_from_json, problem_to_json
+from psgpo_jax.jsonio import write_json
 
 VERSION = "1.0.0"
 FILE_FORMAT = "array_record"
+SOURCES_FILE = "problem_sources.json"    # the sources of a set's problems, beside its files
 
 
 class ProblemSet(tfds.core.GeneratorBasedBuilder):
@@ -95,8 +98,20 @@ def write_problems(data_dir: str, name: str, splits: Mapping[str, Sequence[Probl
   if overwrite and os.path.isdir(builder.data_dir):
     shutil.rmtree(builder.data_dir)
     builder = _builder(data_dir, name, splits)
-  builder.download_and_prepare()
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+    sources = sorted({p.source for problems in splits.values() for p in problems})
+    write_json(os.path.join(builder.data_dir, SOURCES_FILE), sources)
   return builder.data_dir
+
+
+def set_sources(data_dir: str, name: str) -> List[str]:
+  """The `Problem.source` values of the set `name` (written beside it by `write_problems`)."""
+  path = os.path.join(_builder(data_dir, name).data_dir, SOURCES_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no problem set {name!r} under {data_dir} (write_problems first)")
+  with open(path, encoding="utf-8") as f:
+    return list(json.load(f))
 
 
 class ProblemSource(Sequence[Problem]):
