@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+    print(__doc__.strip())
+    sys.exit(0)
   main()

@@ -28,20 +28,13 @@ _NAME = flags.DEFINE_string("name", None, "The set's name (letters, digits, unde
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing set of that name.")
 
 
-def prepare(config, data_dir: str, name: str, overwrite: bool = False) -> str:
-  """Writes `config`'s train and eval problems as the set `name`; returns its directory."""
-  from psgpo_jax import run_setup  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
-  splits = run_setup.load_run_problems(config)    # as loaded: prompts are formatted on read
-  return tfds_builders.write_problems(data_dir, name, splits, overwrite=overwrite)
-
-
 def main(argv):
   del argv
   if not _DATA_DIR.value or not _NAME.value:
     sys.exit("error: pass --data_dir and --name (see --help).")
-  path = prepare(_CONFIG.value, os.path.abspath(_DATA_DIR.value), _NAME.value,
-                 _OVERWRITE.value)
+  from psgpo_jax import run_setup  # pylint: disable=import-outside-toplevel
+  path = run_setup.write_tfds_set(_CONFIG.value, os.path.abspath(_DATA_DIR.value), _NAME.value,
+                                  _OVERWRITE.value)
   print(f"wrote {path}; read it with --config.data.source=tfds "
         f"--config.data.train_path={_DATA_DIR.value} --config.data.tfds_name={_NAME.value}")
 

@@ -98,6 +98,14 @@ def _load_splits(config: ml_collections.ConfigDict) -> Dict[str, list]:
   return {"train": train, "eval": held_out}
 
 
+def write_tfds_set(config: ml_collections.ConfigDict, data_dir: str, name: str,
+                   overwrite: bool = False) -> str:
+  """Writes `config`'s train and eval problems, as loaded (prompts are formatted when a
+  run reads them), as the TFDS set `name` for `data.source=tfds`; returns its directory."""
+  from psgpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  return tfds_builders.write_problems(data_dir, name, _load_splits(config), overwrite=overwrite)
+
+
 def run_model_config(config: ml_collections.ConfigDict, tokenizer):
   """The policy's ModelConfig: from model.path's config.json, or the config's fields.
 

@@ -136,6 +136,15 @@ def test_every_base_field_is_read_by_some_code_path():
   assert not unread, f"configs/base.py fields that no code reads: {unread}"
 
 
+@pytest.mark.parametrize("module", ["evaluate", "ablation", "plan_memory", "prepare_tfds",
+                                    "make_toy_checkpoint", "memory_vs_compiler"])
+def test_every_entry_point_prints_its_help_and_exits_0(module):
+  out = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"experiments.{module}" in out.stdout or "usage:" in out.stdout
+
+
 def test_help_prints_the_usage_and_every_field():
   out = _train_cli("--help")
   assert out.returncode == 0, out.stderr

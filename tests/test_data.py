@@ -307,13 +307,18 @@ def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_fr
   import subprocess
   import sys
   from configs import quickstart
-  from experiments import prepare_tfds
   from psgpo_jax import run_setup
   from psgpo_jax.configuration import ConfigError, validate_config
   config = quickstart.get_config("tiny")
   direct = run_setup.load_run_problems(config)
   data_dir = str(tmp_path / "tfds")
-  prepare_tfds.prepare(config, data_dir, "tiny_set")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cli = lambda module, *args: subprocess.run(  # noqa: E731
+      [sys.executable, "-m", module, "--config", "configs/quickstart.py:tiny", *args],
+      cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  out = cli("experiments.prepare_tfds", f"--data_dir={data_dir}", "--name=tiny_set")
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   assert tfds_builders.set_sources(data_dir, "tiny_set") == ["synthetic"]
   from_set = config.copy_and_resolve_references()
   from_set.data.source, from_set.data.train_path = "tfds", data_dir
@@ -328,13 +333,8 @@ def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_fr
   from_set.data.tfds_name = ""
   with pytest.raises(ConfigError, match="data.tfds_name"):
     validate_config(from_set)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run(
-      [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py:tiny",
-       f"--config.workdir={tmp_path / 'run'}", "--config.stages=sft", "--config.sft.steps=2",
-       "--config.data.source=tfds", f"--config.data.train_path={data_dir}",
-       "--config.data.tfds_name=tiny_set"], cwd=root, env=env, capture_output=True,
-      text=True, timeout=600)
+  out = cli("experiments.train", f"--config.workdir={tmp_path / 'run'}", "--config.stages=sft",
+            "--config.sft.steps=2", "--config.data.source=tfds",
+            f"--config.data.train_path={data_dir}", "--config.data.tfds_name=tiny_set")
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   assert os.path.exists(tmp_path / "run" / "sft" / "result.json")
