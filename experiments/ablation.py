@@ -18,6 +18,7 @@ policy, the PRM and the held-out problems are the same for every run.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from typing import List, Sequence, Tuple
 
@@ -117,7 +118,7 @@ def main(argv) -> None:
   variants = [v for v in _VARIANTS.value.split(",") if v.strip()]
   plan = run_plan(arms, seeds, variants)
   run_all(_CONFIG.value, root, plan)
-  command = "python -m experiments.ablation " + " ".join(sys.argv[1:])
+  command = "python -m experiments.ablation " + shlex.join(sys.argv[1:])
   path = write_report(root, collect_runs(root, plan), os.path.abspath(_REPORT_DIR.value),
                       command)
   print(f"report: {path}")
