@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from psgpo_jax.data import problems as P
-from psgpo_jax.data import synthetic, tfds_builders
+from psgpo_jax.data import rows, synthetic, tfds_builders
 from psgpo_jax.data.record import problem_from_json, problem_to_json, split_by_hash
 from psgpo_jax.sandbox.spec import AssertTests, CallTests, StdioTests
 
@@ -61,7 +61,7 @@ def test_bad_rows_skipped_with_a_warning_naming_file_and_line():
 
 
 def test_bad_rows_rejected_with_error():
-  with pytest.raises(P.BadRowsError) as info:
+  with pytest.raises(rows.BadRowsError) as info:
     P.load_humaneval(fixture("humaneval.jsonl"), on_bad_row="error")
   assert [(b.line) for b in info.value.bad_rows] == [2, 3]
   with pytest.raises(ValueError):

