@@ -75,6 +75,7 @@ def _check_run(workdir, summary, stages, num_problems):
   assert [r["step"] for r in rows] == [0, 1] and "reward/prm_score_mean" in rows[-1]
 
 
+@pytest.mark.slow      # the HumanEval run below takes the same path through every stage
 def test_mbpp_plain_every_stage(toy_checkpoint, xla_cache, tmp_path):
   summary = _train(toy_checkpoint, xla_cache, str(tmp_path), "mbpp",
                    os.path.join(REAL, "mbpp.jsonl"), "plain")
