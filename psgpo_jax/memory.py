@@ -398,7 +398,7 @@ def plan_from_config(config: Any, model_cfg: Optional[ModelConfig] = None,
   from psgpo_jax.configuration import model_config  # pylint: disable=import-outside-toplevel
   if model_cfg is None:
     if config.model.path:
-      from psgpo_jax.models.hf_io import load_hf_config  # pylint: disable=import-outside-toplevel
+      from psgpo_jax.models.hf_config import load_hf_config  # pylint: disable=import-outside-toplevel
       model_cfg = load_hf_config(config.model.path).with_execution_fields(config.model)
     else:
       model_cfg = model_config(config.model, vocab_size=config.tokenizer.vocab_size)

@@ -113,7 +113,7 @@ def run_model_config(config: ml_collections.ConfigDict, tokenizer):
   fields (`ModelConfig.EXECUTION_FIELDS`: remat, attention blocking) still apply.
   """
   if config.model.path:
-    from psgpo_jax.models.hf_io import load_hf_config  # pylint: disable=import-outside-toplevel
+    from psgpo_jax.models.hf_config import load_hf_config  # pylint: disable=import-outside-toplevel
     return load_hf_config(config.model.path).with_execution_fields(config.model)
   cfg = model_config(config.model, vocab_size=len(tokenizer))
   return cfg.replace(eos_token_id=int(tokenizer.eos_token_id))

@@ -19,8 +19,9 @@ from safetensors.numpy import save_file
 
 from psgpo_jax.models import (CausalLM, ModelConfig, ScalarModel, init_params,
                               scalar_params_from_causal)
-from psgpo_jax.models import hf_io
-from psgpo_jax.models.hf_io import load_hf_checkpoint, load_hf_config, save_hf_checkpoint
+from psgpo_jax.models import hf_config as hfcfg
+from psgpo_jax.models.hf_config import load_hf_config
+from psgpo_jax.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "parity"
 CASES = {"qwen2_tied": "causal_lm", "llama_untied": "causal_lm",
@@ -233,25 +234,25 @@ def test_scalar_model_starts_from_a_causal_checkpoint(tmp_path):
 
 
 def test_missing_directory_config_or_weights_are_reported(tmp_path):
-  with pytest.raises(hf_io.CheckpointNotFoundError, match="does not exist"):
+  with pytest.raises(hfcfg.CheckpointNotFoundError, match="does not exist"):
     load_hf_checkpoint(tmp_path / "nowhere")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(hf_io.CheckpointNotFoundError, match="no config.json"):
+  with pytest.raises(hfcfg.CheckpointNotFoundError, match="no config.json"):
     load_hf_checkpoint(tmp_path / "empty")
   path = _copy_fixture("qwen2_tied", tmp_path)
   (path / "model.safetensors").rename(path / "pytorch_model.bin")
-  with pytest.raises(hf_io.CheckpointNotFoundError, match=r"no \*\.safetensors.*pytorch_model"):
+  with pytest.raises(hfcfg.CheckpointNotFoundError, match=r"no \*\.safetensors.*pytorch_model"):
     load_hf_checkpoint(path)
   sharded = _copy_fixture("llama_sharded", tmp_path)
   (sharded / "model-00002-of-00002.safetensors").unlink()
-  with pytest.raises(hf_io.CheckpointNotFoundError, match="model-00002-of-00002"):
+  with pytest.raises(hfcfg.CheckpointNotFoundError, match="model-00002-of-00002"):
     load_hf_checkpoint(sharded)
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
   path = _copy_fixture("qwen2_tied", tmp_path)
   _edit_config(path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
-  with pytest.raises(hf_io.UnsupportedArchitectureError, match="GPT2LMHeadModel") as err:
+  with pytest.raises(hfcfg.UnsupportedArchitectureError, match="GPT2LMHeadModel") as err:
     load_hf_checkpoint(path)
   for name in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen2ForTokenClassification",
                "LlamaForTokenClassification"):
@@ -262,18 +263,18 @@ def test_unsupported_features_are_reported(tmp_path):
   path = _copy_fixture("llama_untied", tmp_path)
   _edit_config(path, rope_parameters={"rope_type": "linear", "factor": 2.0,
                                       "rope_theta": 500000.0})
-  with pytest.raises(hf_io.UnsupportedConfigError, match="linear"):
+  with pytest.raises(hfcfg.UnsupportedConfigError, match="linear"):
     load_hf_config(path)
   path = _copy_fixture("qwen2_tied", tmp_path / "act")
   _edit_config(path, hidden_act="gelu")
-  with pytest.raises(hf_io.UnsupportedConfigError, match="gelu"):
+  with pytest.raises(hfcfg.UnsupportedConfigError, match="gelu"):
     load_hf_config(path)
 
 
 def test_model_kind_mismatch_points_to_the_right_call():
-  with pytest.raises(hf_io.UnsupportedArchitectureError, match="scalar_params_from_causal"):
+  with pytest.raises(hfcfg.UnsupportedArchitectureError, match="scalar_params_from_causal"):
     load_hf_checkpoint(FIXTURES / "qwen2_tied", model="scalar")
-  with pytest.raises(hf_io.UnsupportedArchitectureError, match="model='scalar'"):
+  with pytest.raises(hfcfg.UnsupportedArchitectureError, match="model='scalar'"):
     load_hf_checkpoint(FIXTURES / "qwen2_scalar")
 
 
@@ -284,7 +285,7 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.1.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
   _rewrite_weights(path, edit)
-  with pytest.raises(hf_io.TensorNamesError) as err:
+  with pytest.raises(hfcfg.TensorNamesError) as err:
     load_hf_checkpoint(path)
   message = str(err.value)
   assert "missing 1 tensor(s): model.layers.1.mlp.up_proj.weight" in message
@@ -294,7 +295,7 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path):
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
   path = _copy_fixture("qwen2_tied", tmp_path)
   _edit_config(path, intermediate_size=72)
-  with pytest.raises(hf_io.TensorShapeError,
+  with pytest.raises(hfcfg.TensorShapeError,
                      match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \[64, 32\], "
                            r"expected \[72, 32\]"):
     load_hf_checkpoint(path)
@@ -310,15 +311,15 @@ def test_nonzero_llama_output_bias_is_rejected(tmp_path):
       for proj, n in (("q_proj", 64), ("k_proj", 16), ("v_proj", 16), ("o_proj", 48)):
         tensors[prefix + proj + ".bias"] = np.full((n,), 0.5 if i else 0.0, np.float32)
   _rewrite_weights(path, edit)
-  with pytest.raises(hf_io.UnsupportedConfigError, match=r"layers\.1\.self_attn\.o_proj\.bias"):
+  with pytest.raises(hfcfg.UnsupportedConfigError, match=r"layers\.1\.self_attn\.o_proj\.bias"):
     load_hf_checkpoint(path)
 
 
 def test_saving_params_of_the_wrong_module_is_reported(tmp_path):
   cfg, params = load_hf_checkpoint(FIXTURES / "qwen2_tied")
-  with pytest.raises(hf_io.TensorNamesError, match="missing 2 tensor.*score/bias"):
+  with pytest.raises(hfcfg.TensorNamesError, match="missing 2 tensor.*score/bias"):
     save_hf_checkpoint(tmp_path / "x", cfg, params, model="scalar")
   bad = jax.tree_util.tree_map(lambda x: x, params)
   bad["model"]["norm"]["scale"] = jnp.ones((7,))
-  with pytest.raises(hf_io.TensorShapeError, match=r"model/norm/scale has shape \[7\]"):
+  with pytest.raises(hfcfg.TensorShapeError, match=r"model/norm/scale has shape \[7\]"):
     save_hf_checkpoint(tmp_path / "y", cfg, bad)

@@ -3,8 +3,5 @@ from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import (CausalLM, ScalarModel, init_params, logical_axes,
                                     scalar_params_from_causal)
 from psgpo_jax.models.transformer import KVCache, Transformer, init_cache
-
-try:  # hf_io is optional until it lands; keep the package importable.
-  from psgpo_jax.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
-except ImportError:  # pragma: no cover
-  pass
+from psgpo_jax.models.hf_config import load_hf_config
+from psgpo_jax.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
