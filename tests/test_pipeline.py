@@ -44,6 +44,33 @@ def test_every_stage_runs_and_reports(tiny_run):
   assert "after.pass@1" in stdout                         # the printed summary table
 
 
+def test_eval_figures_are_those_of_its_samples_rescored_independently(tiny_run):
+  """Every eval sample, run again in a fresh sandbox against its problem's tests, gets
+  the verdict the run recorded, and pass@1 / pass@2 follow from those verdicts by the
+  unbiased estimator written out here (not the library's)."""
+  from math import comb  # pylint: disable=import-outside-toplevel
+  from experiments.common import load_config  # pylint: disable=import-outside-toplevel
+  from psgpo_jax import run_setup  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sandbox import run_many  # pylint: disable=import-outside-toplevel
+  workdir, _ = tiny_run
+  config = load_config(os.path.join(ROOT, "configs", "quickstart.py:tiny"))
+  problems = {p.id: p for p in run_setup.load_run_problems(config)["eval"]}
+  summary = json.load(open(os.path.join(workdir, "summary.json")))["eval"]
+  for label in ("before", "after"):
+    samples = [json.loads(l) for l in open(os.path.join(workdir, "eval",
+                                                        f"samples_{label}.jsonl"))]
+    assert len(samples) == 8 * 2 and {s["task_id"] for s in samples} == set(problems)
+    results = run_many([(problems[s["task_id"]].program(s["completion"]),
+                         problems[s["task_id"]].tests) for s in samples])
+    assert [r.passed for r in results] == [s["passed"] for s in samples]
+    correct = {}
+    for s in samples:
+      correct.setdefault(s["task_id"], []).append(s["passed"])
+    for k in (1, 2):
+      want = np.mean([1 - comb(len(c) - sum(c), k) / comb(len(c), k) for c in correct.values()])
+      assert summary[f"{label}.pass@{k}"] == pytest.approx(want), (label, k)
+
+
 def test_run_directory_holds_logs_checkpoints_models_and_plots(tiny_run):
   workdir, _ = tiny_run
   assert glob.glob(os.path.join(workdir, "rl", "events.out.tfevents.*"))
