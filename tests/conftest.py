@@ -20,3 +20,16 @@ def toy_checkpoint(tmp_path_factory) -> str:
   built once per session by experiments/make_toy_checkpoint.py."""
   from experiments.make_toy_checkpoint import build_toy_checkpoint
   return build_toy_checkpoint(str(tmp_path_factory.mktemp("toy_qwen25_coder")))
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory):
+  """The environment of the tests' pipeline subprocesses: one CPU device (no simulated
+  eight) and one XLA compilation cache for the whole session, so that each launch of the
+  tiny pipeline loads what an earlier one compiled (the same programs, so the same
+  results) instead of compiling it again."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return env

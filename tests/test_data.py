@@ -300,7 +300,8 @@ def test_split_by_hash_is_stable():
   assert {p.id for p in evals_part} == {p.id for p in evals if p in problems[:80]}
 
 
-def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_from(tmp_path):
+def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_from(
+    tmp_path, subprocess_env):
   """experiments/prepare_tfds.py writes the tiny config's problems; a run with
   data.source=tfds then loads the same train and held-out problems, follows the set's
   source (synthetic: its stop strings, corpus, oracle), and trains from the command line."""
@@ -313,7 +314,7 @@ def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_fr
   direct = run_setup.load_run_problems(config)
   data_dir = str(tmp_path / "tfds")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env
   cli = lambda module, *args: subprocess.run(  # noqa: E731
       [sys.executable, "-m", module, "--config", "configs/quickstart.py:tiny", *args],
       cwd=root, env=env, capture_output=True, text=True, timeout=600)

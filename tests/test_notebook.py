@@ -44,10 +44,10 @@ def test_notebook_is_valid_and_its_cells_are_plain_python():
              if cell["cell_type"] == "code")   # committed without outputs
 
 
-def test_notebook_runs_the_tiny_pipeline_and_plots(tmp_path):
+def test_notebook_runs_the_tiny_pipeline_and_plots(tmp_path, subprocess_env):
   cells_file = tmp_path / "cells.json"
   cells_file.write_text(json.dumps(code_cells()))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}     # one CPU device
+  env = dict(subprocess_env)                                           # one CPU device
   env.update(PSGPO_NOTEBOOK_TINY="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1",
              PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
   out = subprocess.run([sys.executable, "-c", RUNNER, str(cells_file)], cwd=tmp_path, env=env,

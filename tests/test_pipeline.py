@@ -14,16 +14,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["sft", "baseline", "collect", "prm", "rl", "eval"]
 
 
+_ENV = {}       # the session's `subprocess_env`, set by `tiny_run` (every test here uses it)
+
+
+def _env():
+  return dict(_ENV) or {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def _run(module, *args, timeout=1500):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}    # one CPU device
-  out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out.stdout
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, subprocess_env):
+  _ENV.update(subprocess_env)
   workdir = str(tmp_path_factory.mktemp("quickstart_tiny"))
   stdout = _run("experiments.train", "--config", "configs/quickstart.py:tiny",
                 f"--config.workdir={workdir}")
@@ -161,9 +168,8 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_run, tmp
   from psgpo_jax import faults  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "killed")
   command = [sys.executable, "-m", "experiments.train", "--config",
-             "configs/quickstart.py:tiny", f"--config.workdir={workdir}",
-             f"--config.compilation_cache={tmp_path / 'xla_cache'}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+             "configs/quickstart.py:tiny", f"--config.workdir={workdir}"]
+  env = _env()
   said = ""
   for point, stage, _ in KILLS:
     out = subprocess.run(command, cwd=ROOT, env={**env, faults.KILL_AT_ENV: point},
@@ -223,7 +229,8 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
   for row in ("| no PRM | 1 |", "| both (PSGPO) | 1 |", "| both, min-form credit | 1 |"):
     assert row in report, row
   assert "Both together beat no PRM" in report
-  for png in ("best_of_k.png", "pass_by_horizon.png", "training_monitors.png"):
+  for png in ("learning_curves.png", "best_of_k.png", "pass_by_horizon.png",
+              "training_monitors.png"):
     assert (docs / png).stat().st_size > 1000, png
   # Each run trained its own setting with the RL seed, from the same SFT policy and PRM.
   config = json.load(open(root / "min_credit" / "seed3" / "config.json"))
