@@ -41,8 +41,9 @@ class RunContext:
 
   def __init__(self, config: ml_collections.ConfigDict):
     from psgpo_jax.data.prompts import resolve_stop_strings  # pylint: disable=import-outside-toplevel
-    # "auto": the data source's own stop strings (a tfds set's: its problems' source).
-    resolve_stop_strings(config, run_setup.problem_source(config))
+    # The problems' source (a tfds set's: read once here); "auto" stop strings are its own.
+    self.problem_source = run_setup.problem_source(config)
+    resolve_stop_strings(config, self.problem_source)
     use_compilation_cache(config.compilation_cache)
     self.config = config
     self.workdir = os.path.abspath(config.workdir)
@@ -61,7 +62,8 @@ class RunContext:
 
   @property
   def tokenizer(self):
-    return self._once("tokenizer", lambda: run_setup.load_run_tokenizer(self.config, self.workdir))
+    return self._once("tokenizer", lambda: run_setup.load_run_tokenizer(
+        self.config, self.workdir, self.problem_source))
 
   @property
   def problems(self) -> Dict[str, list]:

@@ -27,12 +27,13 @@ def problem_source(config: ml_collections.ConfigDict) -> str:
   return sources[0]
 
 
-def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-  """The configured tokenizer, or the synthetic suite's BPE (built once in workdir)."""
+def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str, source: str = ""):
+  """The configured tokenizer, or the synthetic suite's BPE (built once in workdir) when
+  the problems' `source` (default: `problem_source(config)`) is synthetic."""
   from psgpo_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
   path = config.tokenizer.path or config.model.path
   if not path:
-    if problem_source(config) != "synthetic":
+    if (source or problem_source(config)) != "synthetic":
       raise ConfigError("Set tokenizer.path (or model.path) to a local tokenizer directory: "
                         "only the synthetic suite builds its own tokenizer.")
     from psgpo_jax.data import synthetic_corpus  # pylint: disable=import-outside-toplevel

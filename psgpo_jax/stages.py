@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 import ml_collections
 
-from psgpo_jax import eval_plots, evaluation, run_setup, sharding
+from psgpo_jax import eval_plots, evaluation, sharding
 from psgpo_jax.configuration import ConfigError
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
@@ -123,7 +123,7 @@ def run_sft(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
   from psgpo_jax.sft import train_sft  # pylint: disable=import-outside-toplevel
   train = ctx.problems["train"]
-  if run_setup.problem_source(config) == "synthetic":
+  if ctx.problem_source == "synthetic":
     from psgpo_jax.data import synthetic_corpus  # pylint: disable=import-outside-toplevel
     pairs = synthetic_corpus.sft_corpus(train, noise=config.sft.noise, seed=config.seed)
   else:
@@ -170,7 +170,7 @@ def _rl_setup(ctx, evaluate: bool):
     return out
 
   line_oracle = None
-  if run_setup.problem_source(ctx.config) == "synthetic":
+  if ctx.problem_source == "synthetic":
     from psgpo_jax.data import synthetic_oracle  # pylint: disable=import-outside-toplevel
     line_oracle = synthetic_oracle.oracle_line_labels
   return RLSetup(ctx.model_cfg, ctx.tokenizer, ctx.problems["train"], eval_problems,
