@@ -1,6 +1,7 @@
 """Seconds per RL step of the quickstart, by phase, against the previous quickstart step.
 
-Runs real RL steps (sample, sandbox, pack, score, advantages, PPO update) from a finished
+Runs real RL steps (sample, sandbox, pack, and the one jitted learner step: score, rewards,
+advantages, PPO update, KL coefficient) from a finished
 run's SFT policy and PRM (`--run_dir`, e.g. runs/quickstart after
 `python -m experiments.train --config configs/quickstart.py`), twice in the same process:
 
@@ -37,7 +38,7 @@ import numpy as np                                           # noqa: E402
 
 from experiments.common import load_config                   # noqa: E402
 
-PHASES = ("sample", "sandbox", "pack", "score", "advantages", "update")
+PHASES = ("sample", "sandbox", "pack", "learn")
 
 
 def with_overrides(config, overrides):

@@ -153,6 +153,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.gamma = 1.0
   c.rl.lam = 0.95
   c.rl.whiten_advantages = True
+  c.rl.old_logprobs = "auto"           # recompute (a policy forward over the rollouts) |
+                                       # sampler (reuse the sampler's log-probs: one
+                                       # forward fewer, equal up to float rounding) |
+                                       # auto (sampler in float32, recompute in bf16)
   c.rl.advantage = "gae"               # gae (value model) | rloo | grpo (critic-free: group
                                        # baseline over a prompt's samples, no value model) |
                                        # reinforce (returns-to-go, no baseline)

@@ -347,8 +347,8 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
                     sandbox: Any, sampling_config: Any, seed: int,
                     show_progress: bool = True, rows_per_call: int = 256,
                     mesh: Any = None, ks: Optional[Sequence[int]] = None,
-                    response_scorer: Optional[Callable[..., np.ndarray]] = None
-                    ) -> Dict[str, Any]:
+                    response_scorer: Optional[Callable[..., np.ndarray]] = None,
+                    rules: Any = None) -> Dict[str, Any]:
   """Samples `sampling_config.num_samples` responses per problem and tests them.
 
   Args:
@@ -360,8 +360,8 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
     sampling_config: a `psgpo_jax.sampling_config.SamplingConfig` (n = num_samples).
     seed: sampling seed.
     rows_per_call: responses sampled per sampler call.
-    mesh: optional mesh with a `data` axis the sampler splits rows over (the samples do
-      not depend on it).
+    mesh: optional mesh the sampler splits rows over (its `batch` rule's axes; the
+      samples do not depend on it).
     ks: the k values of pass@k and Best-of-K (`parse_ks`); None = `DEFAULT_KS` <= n.
     response_scorer: optional `(prompt ids, response ids) -> [N] scores` (e.g. a PRM's,
       `prm.scoring.response_scores`): each sample's score goes into its record
@@ -376,7 +376,7 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
   from psgpo_jax.rollout import encode, sample_and_test  # pylint: disable=import-outside-toplevel
   from psgpo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
   n = sampling_config.num_samples
-  sampler = Sampler(model_cfg, sampling_config, tokenizer, mesh)
+  sampler = Sampler(model_cfg, sampling_config, tokenizer, mesh, rules)
   prompt_ids = [encode(tokenizer, p.prompt) for p in problems]
   chunk = max(1, rows_per_call // n)
   samples: List[Dict[str, Any]] = []

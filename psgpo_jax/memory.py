@@ -17,8 +17,8 @@ machine). What is counted, per device:
     `train_step.make_optimizer` state (Adam: `mu` and `nu` like the params, plus step
     counts and the injected learning rate), sharded by `sharding.opt_state_shardings`.
   * kv_cache: the sampler's cache, `rollout_batch x max_len x layers x 2 (k, v) x kv_heads
-    x head_dim` in the compute dtype, rows split over the `data` axis (as `sampling.Sampler`
-    splits them) and kv heads over `tensor` when the rules shard them and they divide.
+    x head_dim` in the compute dtype, split as the `cache_*` rules say (as `sampling.Sampler`
+    pins it): by default rows over data and fsdp, kv heads over tensor when they divide.
   * activations/<model>: an estimate (below) of what one training step keeps for the
     backward pass, for each trained model, with the step's rows split over the `batch`
     rule's axes and heads / mlp / vocab over `tensor` as the rules say.
@@ -58,6 +58,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from psgpo_jax import sharding as sharding_lib
 from psgpo_jax import train_step
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel
+from psgpo_jax.models.transformer import CACHE_AXES
 from psgpo_jax.rl.advantages import rl_models
 
 MODELS = ("policy", "value", "reference", "prm")
@@ -214,13 +215,12 @@ def kv_cache_bytes(cfg: ModelConfig, mesh, rules: Mapping[str, Any], rollout_bat
                    max_len: int) -> int:
   """Per-device bytes of the sampler's KV cache.
 
-  Rows over `data` (the sampler's split), kv heads over the `kv_heads` rule's axes when
-  they divide; all layers, keys and values, compute dtype.
+  Each cache tensor [rows, kv_heads, slots, head_dim] is split as the `cache_*` rules say
+  (`transformer.CACHE_AXES`; by default rows over data and fsdp, as the sampler splits
+  them, kv heads over tensor when they divide); all layers, keys and values, compute dtype.
   """
-  cache_rules = {**rules, "batch": ("data",)}
   shape = (rollout_batch, cfg.num_key_value_heads, max_len, cfg.kv_head_dim)
-  per_layer = _shard_elems(("batch", "kv_heads", "length", "head_dim"), shape, mesh,
-                           cache_rules)
+  per_layer = _shard_elems(CACHE_AXES, shape, mesh, rules)
   itemsize = np.dtype(cfg.compute_dtype).itemsize
   return per_layer * 2 * cfg.num_hidden_layers * itemsize
 

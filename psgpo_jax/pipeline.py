@@ -80,8 +80,8 @@ class RunContext:
     """The device mesh of `config.mesh` (after `jax.distributed.initialize()` when
     `mesh.distributed` is set), built once and shared by every stage."""
     def build():
-      from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
-      sharding.initialize_distributed(self.config.mesh)
+      from psgpo_jax import multihost, sharding  # pylint: disable=import-outside-toplevel
+      multihost.initialize_distributed(self.config.mesh)
       return sharding.mesh_from_config(self.config.mesh)
     return self._once("mesh", build)
 

@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from psgpo_jax import sharding
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM, check_length
-from psgpo_jax.models.transformer import default_positions, init_cache
+from psgpo_jax.models.transformer import CACHE_AXES, default_positions, init_cache
 from psgpo_jax.sampling_config import SampleOutput, SamplingConfig
 from psgpo_jax.stop_strings import (StopMatcher, common_prefix_len, decode_fn,
                                     fewest_tokens_covering, token_texts)
@@ -148,16 +149,29 @@ def _next_tokens(static: _Static, logits: Array, u: Array, done: Array, stop_sta
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh]):
-  """The jitted generate function for one static setup (jit caches shapes)."""
+def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
+              rules: Optional[Tuple[Tuple[str, Any], ...]]):
+  """The jitted generate function for one static setup (jit caches shapes).
+
+  With a mesh, rows are split over the `batch` rule's mesh axes and each KV-cache tensor
+  is pinned as the `cache_*` rules say; `rules` are in Flax's hashable pair form
+  (`sharding.flax_rules`).
+  """
   model = CausalLM(model_cfg)
   m = static.max_new_tokens
+  table = None if rules is None else dict(rules)
 
   def constrain(x):
+    """Rows [B, ...] over the batch axes."""
     if mesh is None:
       return x
-    spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, table))
+
+  def constrain_cache(cache):
+    if mesh is None:
+      return cache
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding.logical_to_sharding(
+        PartitionSpec(*CACHE_AXES), x.shape, mesh, table)), cache)
 
   def run(params, tokens, mask, rng, stop_state, stop_table, valid):
     """Prefill, then a while loop that makes one token per step until all rows end.
@@ -175,8 +189,9 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh]):
     """
     TRACE_COUNTS[(model_cfg, static)] += 1
     length = tokens.shape[1]
-    cache, kv_mask, logits, pos = jax.tree.map(
-        constrain, _prefill(model, params, tokens, mask, m, static.num_samples))
+    cache, kv_mask, logits, pos = _prefill(model, params, tokens, mask, m, static.num_samples)
+    cache = constrain_cache(cache)
+    kv_mask, logits, pos = jax.tree.map(constrain, (kv_mask, logits, pos))
     rows = logits.shape[0]
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(rows))
     uniforms = lambda step: jax.vmap(
@@ -195,6 +210,7 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh]):
       step, cache, tok, pos, lengths, done, stop_state, out_tok, out_logp, reasons = carry
       logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], kv_mask,
                                   cache, length + step - 1, method="decode")
+      cache = constrain_cache(cache)
       tok, logp, live, reason, done, stop_state = _next_tokens(
           static, logits[:, 0], uniforms(step), done, stop_state, stop_table)
       out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, tok[:, None], step, axis=1)
@@ -221,10 +237,14 @@ class Sampler:
   """
 
   def __init__(self, model_cfg: ModelConfig, config: SamplingConfig, tokenizer: Any = None,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None):
     self.model_cfg, self.config, self.tokenizer, self.mesh = model_cfg, config, tokenizer, mesh
-    if mesh is not None and "data" not in mesh.axis_names:
-      raise ValueError(f"The mesh has axes {mesh.axis_names}; sampling shards over 'data'.")
+    self.rules = None if mesh is None else sharding.flax_rules(mesh, sharding.make_rules(rules))
+    if mesh is not None and not sharding.batch_axes(mesh, dict(self.rules)):
+      raise ValueError(f"The mesh has axes {dict(mesh.shape)}, none of which the `batch` "
+                       f"rule ({dict(self.rules)['batch']}) splits rows over: sampling "
+                       f"splits rows over the batch axes. Add a `data` or `fsdp` axis, or "
+                       f"change mesh.rules' `batch`.")
     if config.stop_strings and tokenizer is None:
       raise ValueError("sampling.stop_strings need a tokenizer.")
     eos = config.eos_ids
@@ -251,10 +271,12 @@ class Sampler:
 
   @property
   def data_size(self) -> int:
-    return 1 if self.mesh is None else int(self.mesh.shape["data"])
+    """How many ways rows are split (the batch axes' size; 1 without a mesh)."""
+    return 1 if self.mesh is None else sharding.batch_axis_size(self.mesh, dict(self.rules))
 
   def _place(self, params, arrays):
-    """Batch arrays split over 'data'; params replicated unless already on the mesh."""
+    """Batch arrays split over the batch axes; params replicated unless already on the
+    mesh."""
     if self.mesh is None:
       return params, arrays
     devices = set(self.mesh.devices.flat)
@@ -266,8 +288,8 @@ class Sampler:
       return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
     params = jax.tree.map(replicate, params)
-    batch = lambda a: NamedSharding(self.mesh, PartitionSpec("data", *([None] * (a.ndim - 1))))
-    arrays = [jax.device_put(a, batch(a)) for a in arrays]
+    rows = sharding.batch_sharding(self.mesh, dict(self.rules))
+    arrays = [jax.device_put(a, rows) for a in arrays]
     return params, arrays
 
   def generate(self, params, prompts: Sequence[Sequence[int]], rng: Array,
@@ -321,7 +343,7 @@ class Sampler:
     valid = np.repeat(np.arange(batch) < num_prompts, n)
 
     params, (tokens, mask, states, valid) = self._place(params, [tokens, mask, states, valid])
-    fn = _compiled(self.model_cfg, self._static, self.mesh)
+    fn = _compiled(self.model_cfg, self._static, self.mesh, self.rules)
     out = fn(params, tokens, mask, rng, states, self._stop_table, valid)
     out_tok, out_logp, lengths, reasons = (np.asarray(x) for x in jax.device_get(out))
     rows = num_prompts * n
@@ -368,12 +390,13 @@ class Sampler:
 _SAMPLERS: "collections.OrderedDict[tuple, Sampler]" = collections.OrderedDict()
 
 
-def _sampler(model_cfg, config, tokenizer, mesh) -> Sampler:
+def _sampler(model_cfg, config, tokenizer, mesh, rules) -> Sampler:
   """A small cache of samplers, so repeated calls reuse the stop tables."""
-  key = (model_cfg, config, id(tokenizer), mesh)
+  key = (model_cfg, config, id(tokenizer), mesh,
+         None if rules is None else tuple(sorted(sharding.make_rules(rules).items())))
   sampler = _SAMPLERS.get(key)
   if sampler is None or sampler.tokenizer is not tokenizer:
-    sampler = Sampler(model_cfg, config, tokenizer, mesh)
+    sampler = Sampler(model_cfg, config, tokenizer, mesh, rules)
     _SAMPLERS[key] = sampler
     while len(_SAMPLERS) > 16:
       _SAMPLERS.popitem(last=False)
@@ -384,7 +407,8 @@ def _sampler(model_cfg, config, tokenizer, mesh) -> Sampler:
 def generate(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], rng: Array,
              config: SamplingConfig, tokenizer: Any = None,
              prefixes: Optional[Sequence[Optional[Sequence[int]]]] = None,
-             mesh: Optional[Mesh] = None) -> SampleOutput:
+             mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None
+             ) -> SampleOutput:
   """Samples `config.num_samples` responses per prompt; see `Sampler.generate`.
 
   Args:
@@ -396,8 +420,11 @@ def generate(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], r
     tokenizer: a Hugging Face tokenizer (or any object with `decode`); needed for texts
       and stop strings.
     prefixes: None or P partial responses to continue (None/[] = fresh prompt).
-    mesh: optional `Mesh` with a 'data' axis: the batch is split over it.
+    mesh: optional `Mesh`: rows are split over the `batch` rule's axes (data, fsdp).
+    rules: sharding rules overrides (`sharding.make_rules`); the KV cache follows the
+      `cache_*` rules.
   Returns:
     `SampleOutput` with P * num_samples rows, prompt-major.
   """
-  return _sampler(model_cfg, config, tokenizer, mesh).generate(params, prompts, rng, prefixes)
+  return _sampler(model_cfg, config, tokenizer, mesh, rules).generate(params, prompts, rng,
+                                                                      prefixes)

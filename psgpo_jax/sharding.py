@@ -1,7 +1,8 @@
 """Device meshes, logical-axis rules and the shardings of params, optimizer states, batches.
 
 Model parameters carry *logical* axis names (`vocab`, `embed`, `heads`, `kv_heads`,
-`head_dim`, `mlp`, `norm`); batches use `batch` (and `length`). One rules table maps each
+`head_dim`, `mlp`, `norm`); batches use `batch` (and `length`); the sampler's KV cache
+`cache_batch`, `cache_kv_heads`, `cache_length`, `cache_head_dim`. One rules table maps each
 logical name to zero, one or several mesh axes (`data`, `fsdp`, `tensor`), so changing the
 parallelism is a config change:
 
@@ -21,8 +22,8 @@ Flax's form (`flax_rules`) and the mesh, so the model's `nn.with_logical_constra
 calls (hidden states between layers) pin activations; `train_step.make_train_step` does
 this for every step it builds with a mesh.
 
-Multi-host: `initialize_distributed` wraps `jax.distributed.initialize`; each host builds
-its share of a batch and `global_batch_from_local` assembles the global array.
+Multi-host helpers (distributed init, per-process samplers, global batches from each
+process's rows) live in `psgpo_jax.multihost`.
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ DEFAULT_RULES: Mapping[str, Optional[Union[str, MeshAxes]]] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    # The sampler's KV cache, per layer [B, KV, S, Dh] (`transformer.CACHE_AXES`): rows
+    # as the batch, kv heads as the params' (so each device attends with its own heads).
+    "cache_batch": ("data", "fsdp"),
+    "cache_kv_heads": "tensor",
+    "cache_length": None,
+    "cache_head_dim": None,
 }
 
 _LOGGED_FALLBACKS: set = set()
@@ -350,10 +357,14 @@ def batch_sharding(mesh: Mesh, rules: Optional[Rules] = None) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def batch_axes(mesh: Mesh, rules: Optional[Rules] = None) -> MeshAxes:
+  """The mesh axes `batch_sharding` splits rows over (the `batch` rule's, in `mesh`)."""
+  return _mesh_axes_for("batch", make_rules() if rules is None else rules, mesh)
+
+
 def batch_axis_size(mesh: Mesh, rules: Optional[Rules] = None) -> int:
   """How many ways `batch_sharding` splits rows: the product of the `batch` axes' sizes."""
-  axes = _mesh_axes_for("batch", make_rules() if rules is None else rules, mesh)
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
 def check_batch_rows(rows: int, mesh: Mesh, rules: Optional[Rules] = None,
@@ -390,69 +401,3 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Optional[Rules] = N
   """Single host: places each array of `batch` ([B, ...]) across the mesh by rows."""
   shardings = batch_shardings(batch, mesh, rules)
   return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- multi-host
-
-
-def initialize_distributed(config: Optional[Mapping[str, Any]] = None) -> bool:
-  """Calls `jax.distributed.initialize` when the config asks for it.
-
-  Args:
-    config: a mapping (e.g. the `mesh` ConfigDict) with optional keys `distributed`
-      (bool), `coordinator_address`, `num_processes`, `process_id`, `local_device_ids`.
-      Unset values are auto-detected by JAX (TPU pods, SLURM, ...).
-  Returns:
-    True if this call (or an earlier one) initialised the distributed runtime.
-  """
-  config = config or {}
-  address = config.get("coordinator_address", None)
-  if not (config.get("distributed", False) or address):
-    return False
-  if jax.distributed.is_initialized():
-    return True
-  kwargs = {k: config.get(k, None) for k in ("num_processes", "process_id",
-                                             "local_device_ids")}
-  jax.distributed.initialize(coordinator_address=address,
-                             **{k: v for k, v in kwargs.items() if v is not None})
-  log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices.",
-           jax.process_index(), jax.process_count(), jax.local_device_count(),
-           jax.device_count())
-  return True
-
-
-def is_main_process() -> bool:
-  """True on process 0 (the one that writes logs and summaries)."""
-  return jax.process_index() == 0
-
-
-def sampling_mesh(mesh: Optional[Mesh]) -> Optional[Mesh]:
-  """The mesh a sampler runs on: `mesh` itself on one process; on many, this process's
-  own devices as a 1-D `data` mesh, since each process samples its own prompts (the
-  sampler's host loop reads its tokens back)."""
-  if mesh is None or jax.process_count() == 1:
-    return mesh
-  return make_mesh((-1,), ("data",), jax.local_devices())
-
-
-def local_copy(tree: Any, mesh: Optional[Mesh]) -> Any:
-  """`tree` (e.g. params sharded over `mesh`) as this process's full local copy: as is
-  on one process; on many, gathered over the global mesh and read from a local device
-  (what a `sampling_mesh` sampler needs)."""
-  if mesh is None or jax.process_count() == 1:
-    return tree
-  full = jax.device_put(tree, replicated(mesh))
-  return jax.tree.map(lambda x: x.addressable_data(0), full)
-
-
-def global_batch_from_local(local_batch: Mapping[str, Any], mesh: Mesh,
-                            rules: Optional[Rules] = None) -> dict:
-  """Assembles global arrays from each host's rows.
-
-  Every process passes its own rows ([B_local, ...], the same B_local on every host);
-  the result has B = B_local * process_count rows, sharded as `batch_sharding`. On one
-  host this equals `shard_batch` (without the divisibility fallback).
-  """
-  sharding = batch_sharding(mesh, rules)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}

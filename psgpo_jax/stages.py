@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 import ml_collections
 
-from psgpo_jax import eval_plots, evaluation, sharding
+from psgpo_jax import eval_plots, evaluation, multihost
 from psgpo_jax.configuration import ConfigError
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
@@ -77,14 +77,14 @@ def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperat
                     ks: Optional[Sequence[int]] = None,
                     response_scorer: Optional[Callable] = None) -> Dict[str, Any]:
   """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox, config and
-  mesh (rows split over the sampling mesh's `data` axis); `ks` None = `eval.ks`."""
+  mesh (rows split over the sampling mesh's batch axes); `ks` None = `eval.ks`."""
   from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
   sampling = sampling_config(ctx.config, ctx.tokenizer, num_samples, temperature=temperature,
                              greedy=greedy)
-  return evaluation.evaluate_policy(sharding.local_copy(params, ctx.mesh), ctx.model_cfg,
+  return evaluation.evaluate_policy(multihost.local_copy(params, ctx.mesh), ctx.model_cfg,
                                     ctx.tokenizer, problems, ctx.sandbox, sampling, seed,
                                     show_progress=show_progress,
-                                    mesh=sharding.sampling_mesh(ctx.mesh),
+                                    mesh=multihost.sampling_mesh(ctx.mesh), rules=ctx.rules,
                                     ks=ks if ks is not None else evaluation.parse_ks(
                                         ctx.config.eval.ks, num_samples),
                                     response_scorer=response_scorer)
@@ -242,7 +242,7 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
           params, ctx.model_cfg, ctx.tokenizer, part, config, part_dir,
           jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
           writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else (),
-          mesh=sharding.sampling_mesh(ctx.mesh))
+          mesh=multihost.sampling_mesh(ctx.mesh))
   rows = load_labels(ctx)
   counts = label_counts(rows)
   result = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}

@@ -5,7 +5,7 @@ distributed runtime (gloo between CPU processes), builds the global (2, 2, 1) me
 every process's devices, and then
 
   * takes its own rows of a fixed batch and assembles the global arrays with
-    `sharding.global_batch_from_local` (the rows a process must hold are read from the
+    `multihost.global_batch_from_local` (the rows a process must hold are read from the
     batch sharding, and must be the contiguous block of rows the RL trainer's
     `local_problem_order` fills with this process's rollouts);
   * runs two PPO updates (policy + value, micro-batched) and one PRM step on that batch,
@@ -40,14 +40,14 @@ def main() -> None:
   import numpy as np                                          # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils                # pylint: disable=import-outside-toplevel
 
-  from psgpo_jax import checkpointing, sharding, train_step   # pylint: disable=import-outside-toplevel
+  from psgpo_jax import checkpointing, multihost, sharding, train_step  # pylint: disable=import-outside-toplevel
   from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel   # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.train import make_prm_loss              # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl import ppo                                # pylint: disable=import-outside-toplevel
   from tests.tolerances import ADAM_EPS                       # pylint: disable=import-outside-toplevel
 
   if args.num_processes > 1:
-    sharding.initialize_distributed({
+    multihost.initialize_distributed({
         "distributed": True, "coordinator_address": f"localhost:{args.port}",
         "num_processes": args.num_processes, "process_id": args.process_id})
   assert jax.process_count() == args.num_processes and jax.device_count() == 4
@@ -77,7 +77,7 @@ def main() -> None:
   share = rows // jax.process_count()
   assert local_rows == list(range(jax.process_index() * share,
                                   (jax.process_index() + 1) * share)), local_rows
-  batch = sharding.global_batch_from_local({k: v[local_rows] for k, v in full.items()}, mesh)
+  batch = multihost.global_batch_from_local({k: v[local_rows] for k, v in full.items()}, mesh)
 
   # Two PPO updates, states created sharded.
   modules = {"policy": CausalLM(cfg), "value": ScalarModel(cfg)}
@@ -96,7 +96,7 @@ def main() -> None:
     metrics.update({f"ppo{k}/{name}": v for name, v in m.items()})
 
   # One PRM step on the same rows (targets at the response tokens).
-  prm_batch = sharding.global_batch_from_local({
+  prm_batch = multihost.global_batch_from_local({
       "tokens": full["tokens"][local_rows], "attention_mask": full["attention_mask"][local_rows],
       "targets": np.where(full["response_mask"] > 0, 1.0, 0.0)[local_rows].astype(np.float32),
       "loss_mask": full["response_mask"][local_rows].astype(np.float32)}, mesh)

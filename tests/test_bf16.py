@@ -11,7 +11,7 @@ from experiments.common import load_config
 from psgpo_jax import pipeline, stages
 from psgpo_jax.data import synthetic, synthetic_corpus
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
-from psgpo_jax.rl import learner
+from psgpo_jax.rl import value_init
 from psgpo_jax.rl import trainer as trainer_lib
 from psgpo_jax.rollout import encode
 from psgpo_jax.sft import train_sft
@@ -62,7 +62,7 @@ def test_an_rl_step_in_bfloat16_keeps_float32_state_and_consistent_log_probs(bf1
   cfg = ctx.model_cfg
   assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"
   policy = stages.initial_policy(ctx)
-  prm = learner.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
+  prm = value_init.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"],
                               ctx.problems["eval"], ctx.sandbox)
   trainer = trainer_lib.RLTrainer(ctx.config, setup, str(tmp_path), policy, prm, steps=1,

@@ -15,7 +15,7 @@ import pytest
 
 from psgpo_jax import batching
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
-from psgpo_jax.rl import learner, ppo
+from psgpo_jax.rl import learn, ppo
 from psgpo_jax.rl.gae import gae
 from psgpo_jax.train_step import TrainState, make_optimizer, make_train_step
 from tolerances import ADAM_EPS, adam_param_atol
@@ -98,7 +98,7 @@ def test_scorer_on_group_rows_equals_the_plain_rows(params, num_rows):
   batch = {k: rows[k] for k in ("tokens", "attention_mask", "response_mask")}
   batch["line_end_mask"] = (np.random.default_rng(1).random(rows["tokens"].shape) < 0.3
                             ) * rows["response_mask"]
-  score = learner.make_scorer(CFG, 0.7, True)
+  score = jax.jit(learn.make_score(CFG, 0.7, True))
   plain = score(params, batch)
   grouped = score(params, {**batch, **group_rows(rows, num_rows)})
   mask = rows["attention_mask"] > 0
@@ -115,11 +115,11 @@ def test_ppo_update_on_group_rows_equals_the_plain_rows(params):
   response = rows["response_mask"]
   batch = {k: rows[k] for k in ("tokens", "attention_mask", "response_mask")}
   batch["line_end_mask"] = np.zeros_like(response)
-  batch.update(learner.make_scorer(CFG, 1.0, False)(params, batch))
+  batch.update(jax.jit(learn.make_score(CFG, 1.0, False))(params, batch))
   rewards = np.where(response > 0, rng.normal(size=response.shape), 0.0).astype(np.float32)
   batch["advantages"], batch["returns"] = gae(rewards, batch["values"], response, 1.0, 0.95)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  grouped = learner.to_group_rows({**batch, **group_rows(rows, 2)}, ppo.UPDATE_KEYS)
+  grouped = learn.to_group_rows({**batch, **group_rows(rows, 2)}, ppo.UPDATE_KEYS)
   assert grouped["tokens"].shape[0] == 2 and "attention_mask" not in grouped
 
   lrs = {"policy": 3e-3, "value": 1e-2}

@@ -83,8 +83,10 @@ def test_kv_cache_equals_the_sampler_cache_and_splits_as_the_rules_say():
   one = memory.plan_memory(CFG, (1, 1, 1), **SIZES)
   cache = init_cache(CFG, SIZES["rollout_batch"], SIZES["max_len"])
   assert item(one, "kv_cache") == sum(x.nbytes for x in jax.tree.leaves(cache))
-  split = memory.plan_memory(CFG, (2, 2, 2), **SIZES)    # rows over data, kv heads over tensor
-  assert item(split, "kv_cache") == item(one, "kv_cache") // 4
+  split = memory.plan_memory(CFG, (2, 2, 2), **SIZES)    # rows over data x fsdp, kv heads
+  assert item(split, "kv_cache") == item(one, "kv_cache") // 8     # over tensor
+  fsdp = memory.plan_memory(CFG, (1, 4, 1), **SIZES)     # an FSDP mesh splits the rows too
+  assert item(fsdp, "kv_cache") == item(one, "kv_cache") // 4
   wide = memory.plan_memory(CFG, (1, 1, 8), **SIZES)     # 4 kv heads do not split 8 ways
   assert item(wide, "kv_cache") == item(one, "kv_cache")
 

@@ -222,7 +222,9 @@ def test_sampler_matches_one_device(reference, shape):
   placed = jax.device_put(reference["ppo_initial"]["policy"].params,
                           sharding.param_shardings(MODULES["policy"], mesh))
   for name, config in SAMPLERS.items():
-    out = Sampler(CFG, config, mesh=mesh).generate(placed, prompts(), jax.random.PRNGKey(9))
+    sampler = Sampler(CFG, config, mesh=mesh)
+    assert sampler.data_size == shape[0] * shape[1]     # rows over data x fsdp (the rules)
+    out = sampler.generate(placed, prompts(), jax.random.PRNGKey(9))
     expected = reference["samples"][name]
     np.testing.assert_array_equal(out.tokens, expected.tokens, err_msg=name)
     np.testing.assert_array_equal(out.lengths, expected.lengths, err_msg=name)

@@ -86,7 +86,7 @@ def test_run_directory_holds_logs_checkpoints_models_and_plots(tiny_run):
   assert [r["step"] for r in rows] == [-1, 0, 1]
   for key in ("reward/pass_rate", "reward/lines_per_response", "reward/trivial_line_share",
               "reward/prm_score_mean", "ppo/policy_loss", "rollout/hack_flags",
-              "time/update_s"):
+              "time/learn_s"):
     assert key in rows[-1], key
   assert "reward/pass_rate" not in rows[0]
   # Held-out evaluation every rl.eval_every (= 1) updates, placed by the number of updates.

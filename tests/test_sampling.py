@@ -443,8 +443,8 @@ def test_evaluation_on_a_mesh_matches_one_device(model, tokenizer):
   assert [s["completion"] for s in sharded["samples"]] == \
       [s["completion"] for s in single["samples"]]
   assert sharded["summary"] == single["summary"] and len(single["samples"]) == 6
-  # The mesh does reach the sampler: one without a `data` axis is refused.
-  with pytest.raises(ValueError, match="sampling shards over 'data'"):
+  # The mesh does reach the sampler: one without a batch axis (data, fsdp) is refused.
+  with pytest.raises(ValueError, match="splits rows over the batch axes"):
     evaluation.evaluate_policy(params, cfg, tokenizer, problems, None, config, seed=3,
                                mesh=Mesh(np.array(jax.devices()), ("tensor",)))
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from psgpo_jax import sharding
+from psgpo_jax import multihost, sharding
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.train_step import make_optimizer
 
@@ -156,12 +156,12 @@ def test_shard_batch_splits_rows_and_replicates_indivisible_ones():
 def test_global_batch_from_local_on_one_process_equals_shard_batch():
   mesh = sharding.make_mesh((4, 2, 1))
   local = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
-  glob = sharding.global_batch_from_local(local, mesh)["tokens"]
+  glob = multihost.global_batch_from_local(local, mesh)["tokens"]
   assert glob.shape == (16, 3)
   assert glob.sharding.spec == P(("data", "fsdp"))
   np.testing.assert_array_equal(np.asarray(glob), local["tokens"])
-  assert sharding.is_main_process()
-  assert sharding.initialize_distributed({"distributed": False}) is False
+  assert multihost.is_main_process()
+  assert multihost.initialize_distributed({"distributed": False}) is False
 
 
 def test_rule_overrides_from_the_command_line_string():

@@ -1,4 +1,5 @@
 """The RL trainer: data order, rollout packing, resume bit-for-bit, non-finite handling."""
+import dataclasses
 import os
 
 import jax
@@ -10,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from experiments.common import load_config
 from psgpo_jax import pipeline, sharding, stages
 from psgpo_jax.models import CausalLM, ScalarModel, logical_axes
-from psgpo_jax.rl import learner
+from psgpo_jax.rl import value_init
 from psgpo_jax.rl import trainer as trainer_lib
 from psgpo_jax.rl.batch import rollout_batch
 from psgpo_jax.rollout import Rollouts
@@ -83,7 +84,7 @@ def _trainer(ctx, workdir, steps, value_params_nan=False, mesh=None, config=None
   config = config or ctx.config
   cfg = ctx.model_cfg
   policy = stages.initial_policy(ctx)
-  prm = learner.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
+  prm = value_init.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"], ctx.problems["eval"],
                               ctx.sandbox)
   t = trainer_lib.RLTrainer(config, setup, str(workdir), policy, prm, steps=steps,
@@ -124,6 +125,38 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(ctx, one_device
   for a, b in zip(jax.tree_util.tree_leaves(full.policy_params),
                   jax.tree_util.tree_leaves(resumed.policy_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, one_device_run,
+                                                                  tmp_path):
+  """rl.old_logprobs=sampler (what `auto` picks in float32, as in `one_device_run`) skips
+  the policy forward: on the same rollouts it takes the step a recomputed run takes, up to
+  float rounding; the KL controller lives in the learner state and the one jitted step
+  moves it as Ziegler et al.'s rule says."""
+  from psgpo_jax.rl import learn, rewards
+  assert one_device_run.learner_cfg.old_logprobs == "sampler"
+  bf16 = dataclasses.replace(ctx.model_cfg, dtype="bfloat16")
+  assert learn.resolve_old_logprobs("auto", bf16) == "recompute"
+  config = ctx.config.copy_and_resolve_references()
+  config.rl.old_logprobs = "recompute"
+  config.rl.reward.adaptive_kl = True
+  config.rl.reward.kl_target = 1e-3
+  config.rl.reward.kl_horizon = 100
+  t = _trainer(ctx, tmp_path, steps=1, config=config)
+  t.run(show_progress=False)
+  t.close()
+  got, want = t.history[0], one_device_run.history[0]
+  for key in ("reward/pass_rate", "reward/response_length", "reward/outcome_reward_mean",
+              "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/ratio_mean",
+              "ppo/explained_variance"):
+    assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), key
+  assert abs(got["reward/kl"]) < 1e-5        # the policy is the reference at step 0
+  assert got["reward/kl_coef"] == pytest.approx(config.rl.reward.kl_coef)
+  rows = config.rl.prompts_per_step * config.rl.samples_per_prompt
+  expected = rewards.update_kl_coef(config.rl.reward.kl_coef, got["reward/kl"], rows, 1e-3, 100)
+  assert isinstance(t.state["kl"], rewards.AdaptiveKLController)
+  assert float(t.state["kl"].value) == pytest.approx(float(expected), rel=1e-5)
+  assert float(t.state["kl"].value) < config.rl.reward.kl_coef     # KL below target: down
 
 
 def test_non_finite_updates_are_skipped_then_training_stops(ctx, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from psgpo_jax.models import ModelConfig, ScalarModel, init_params
 from psgpo_jax.rl import ppo
 from psgpo_jax.rl.gae import gae
-from psgpo_jax.rl.learner import init_value_params, prm_as_value_params
+from psgpo_jax.rl.value_init import init_value_params, prm_as_value_params
 from psgpo_jax.rl.rewards import RewardConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

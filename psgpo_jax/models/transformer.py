@@ -364,8 +364,12 @@ class Transformer(nn.Module):
     return self.embed_tokens.attend(x)
 
 
+# Logical axis names of each cache tensor [B, KV, S, Dh] (the sharding rules map them).
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-  """Zeros for every layer's keys and values: each [B, KV, S, Dh]."""
+  """Zeros for every layer's keys and values: each [B, KV, S, Dh] (`CACHE_AXES`)."""
   shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.kv_head_dim)
   dtype = dtype or cfg.compute_dtype
   return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 
 from psgpo_jax import batching, tokenization
-from psgpo_jax.rl.learner import GROUP_FIELDS
+from psgpo_jax.rl.learn import GROUP_FIELDS
 from psgpo_jax.rollout import Rollouts
 from psgpo_jax.sandbox import any_hack
 
@@ -24,7 +24,9 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   """Packs rollouts into the fixed-shape arrays the scorer and PPO read.
 
   Returns [N, T] int32 `tokens`, `attention_mask`, `response_mask`, `line_end_mask`,
-  `trivial_line_mask` (right-padded), and [N] float32 `passed`, `pass_fraction`. With
+  `trivial_line_mask` (right-padded), [N, T] float32 `sampler_logprobs` (the sampler's
+  log-prob of each response token at its position, 0 elsewhere: aligned as the learner's
+  `old_logprobs`), and [N] float32 `passed`, `pass_fraction`, `hacked`. With
   `line_labels` (the oracle dense-reward source) also [N, T] float32 `prm_scores`: at each
   line-end token the label of the last line ending there (the PRM's label scale), 0
   elsewhere, exactly where a PRM's scores would sit.
@@ -36,6 +38,10 @@ def rollout_batch(rollouts: Rollouts, tokenizer: Any, pad_id: int, buckets: Sequ
   batch = {k: packed[k] for k in ("tokens", "attention_mask", "response_mask")}
   batch["line_end_mask"] = lines["line_end_mask"]
   batch["trivial_line_mask"] = lines["trivial_line_mask"]
+  logprobs = np.zeros(packed["tokens"].shape, np.float32)
+  for row, (p, r) in enumerate(zip(rollouts.prompt_ids, rollouts.response_ids)):
+    logprobs[row, len(p):len(p) + len(r)] = rollouts.logprobs[row][:len(r)]
+  batch["sampler_logprobs"] = logprobs
   batch["passed"] = rollouts.passed.astype(np.float32)
   batch["pass_fraction"] = rollouts.pass_fraction
   flags = rollouts.hack_flags or [{}] * len(rollouts)     # none recorded: nothing flagged
@@ -66,7 +72,7 @@ def prompt_group_rows(rollouts: Rollouts, tokens: np.ndarray, samples_per_prompt
     agree: `(buckets, local length) -> buckets` whose smallest fits every process's
       rows (None: one process), so that every process packs to the same length.
   Returns:
-    `learner.GROUP_FIELDS`, each prefixed `group_`: [R, Tp] arrays and [N, T] `to_rows`.
+    `learn.GROUP_FIELDS`, each prefixed `group_`: [R, Tp] arrays and [N, T] `to_rows`.
   """
   prompt_lengths = np.asarray([len(p) for p in rollouts.prompt_ids])
   lengths = prompt_lengths + np.asarray([len(r) for r in rollouts.response_ids])

@@ -2,12 +2,12 @@
 
 Per step: `rl.prompts_per_step` training problems (a deterministic, per-epoch shuffled
 order) are sampled `rl.samples_per_prompt` times by the policy, the responses are tested in
-the sandbox, one jitted call scores them (policy and reference log-probs, values, PRM line
-scores), rewards and GAE follow (jitted), and one jitted, sharded call runs every PPO epoch
-and minibatch for policy and value. Everything needed to continue bit-for-bit (policy,
-value, reference and PRM params, optimizer states, KL controller, step, config) is
-checkpointed every `checkpoint.every_steps` steps and at the end; a run restarted in the
-same workdir resumes from the last complete checkpoint.
+the sandbox, and ONE jitted, sharded device call (`rl.learn`) scores them (reference
+log-probs, values, PRM line scores), computes token rewards and advantages, runs every PPO
+epoch and minibatch for policy and value, and updates the KL coefficient. Everything needed
+to continue bit-for-bit (policy, value, reference and PRM params, optimizer states, KL
+controller, step, config) is checkpointed every `checkpoint.every_steps` steps and at the
+end; a run restarted in the same workdir resumes from the last complete checkpoint.
 
 The trainer also serves the paper's "no PRM" arm and the `baseline` stage:
 `dense_reward=False` uses no PRM rewards, `value_init="policy"` starts the value model
@@ -15,8 +15,7 @@ from the policy's backbone. `rl.advantage` picks GAE (with the value model) or a
 critic-free estimator (RLOO / GRPO, `rl.advantages`: no value model is built or trained);
 `rl.dense_source = "oracle"` takes the dense line rewards from the synthetic suite's
 exact first-error oracle instead of the PRM (the upper bound of the method). Each step
-logs its phases' seconds (`time/sample_s`, `sandbox`, `pack`, `score`, `advantages`,
-`update`) and the sandbox's hack monitors (`rollout/hack_flags`).
+logs its phases' seconds (`time/sample_s`, `sandbox`, `pack`, `learn`) and the sandbox's hack monitors (`rollout/hack_flags`).
 """
 from __future__ import annotations
 
@@ -32,14 +31,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from psgpo_jax import batching, checkpointing, sharding, train_step
+from psgpo_jax import batching, checkpointing, multihost, sharding
 from psgpo_jax.logging import MetricWriter, progress
-from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel
-from psgpo_jax.rl import advantages as advantages_lib
-from psgpo_jax.rl import ppo, rewards
+from psgpo_jax.models import ModelConfig
+from psgpo_jax.rl import learn
 from psgpo_jax.rl.batch import prompt_group_rows, rollout_batch
-from psgpo_jax.rl.learner import (init_value_params, make_advantage_fn,
-                                  make_scorer, make_update, rules_key, to_group_rows)
+from psgpo_jax.rl.value_init import init_value_params
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler
 from psgpo_jax.sampling_config import SamplingConfig
@@ -103,7 +100,7 @@ def local_problem_order(num_problems: int, step: int, per_step: int, seed: int,
 
   Process p of n takes prompts [p * per_step / n, (p + 1) * per_step / n) of the step, so
   the processes' shares, concatenated in process order, are the step's prompts (the rows
-  of the global batch, as `sharding.global_batch_from_local` assembles it). With one
+  of the global batch, as `multihost.global_batch_from_local` assembles it). With one
   process this is `problem_order` itself.
 
   Raises:
@@ -133,10 +130,10 @@ class RLTrainer:
   """Runs `steps` PSGPO iterations, logging, evaluating and checkpointing as it goes.
 
   With a `mesh`, every model (policy, value, reference, PRM) and optimizer state lives
-  sharded as the rules say, the scorer and the PPO update run as sharded jits, and the
+  sharded as the rules say, the learner step (`rl.learn`) runs as one sharded jit, and the
   sampler splits prompts over the `data` axis. With several processes (multi-host), each
   one samples and tests its share of the step's prompts (`local_problem_order`) on its own
-  devices, and the global batch is assembled with `sharding.global_batch_from_local`.
+  devices, and the global batch is assembled with `multihost.global_batch_from_local`.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, setup: RLSetup, workdir: str,
@@ -157,8 +154,8 @@ class RLTrainer:
     if dense_reward and self.dense_source == "oracle" and setup.line_oracle is None:
       raise ValueError("rl.dense_source='oracle' needs problems with a first-error oracle "
                        "(data.source=synthetic); use rl.dense_source=prm.")
-    self.reward_cfg = rewards.RewardConfig.from_config(rl.reward)
-    self.ppo_cfg = ppo.PPOConfig.from_config(rl, temperature=config.sampling.temperature)
+    self.learner_cfg = learn.LearnerConfig.from_config(config, cfg, self.prm_dense)
+    self.reward_cfg, self.ppo_cfg = self.learner_cfg.reward, self.learner_cfg.ppo
     rows = rl.prompts_per_step * rl.samples_per_prompt
     self.ppo_cfg.minibatch_size(rows)
     # Rows of prompt groups: the update's rows are then prompts_per_step / prompts_per_row.
@@ -180,40 +177,19 @@ class RLTrainer:
         sharding.check_batch_rows(rl.prompts_per_step // self.prompts_per_row, mesh, rules,
                                   "rl.prompts_per_step / rl.prompts_per_row",
                                   "rl.prompts_per_step or rl.prompts_per_row")
-    self.estimator = str(rl.advantage)
-    if self.estimator not in advantages_lib.ESTIMATORS:
-      raise ValueError(f"rl.advantage={self.estimator!r}; choose one of "
-                       f"{advantages_lib.ESTIMATORS}.")
-    self.critic = self.estimator == "gae"      # RLOO / GRPO train no value model
-    key = rules_key(rules)
-    self.optimizers, self.update, self.state_shardings = make_update(
-        cfg, self.ppo_cfg, float(rl.policy_lr), float(rl.value_lr), float(rl.grad_clip),
-        mesh, key, float(rl.adam_eps), self.critic,
-        int(rl.warmup_steps) * self.ppo_cfg.ppo_epochs * self.ppo_cfg.num_minibatches)
+    self.critic = self.learner_cfg.critic      # RLOO / GRPO train no value model
+    self.learner = learn.make_learner(self.learner_cfg, mesh, rules)
     rng = jax.random.PRNGKey(rl_seed(config))
-    ppo_state = {"policy": train_step.TrainState.create(
-        jax.tree_util.tree_map(jnp.array, policy_params), self.optimizers["policy"])}
-    if self.critic:
-      value_params = init_value_params(value_init, cfg, policy_params, prm_params,
-                                       jax.random.fold_in(rng, 1), self.reward_cfg,
-                                       config.prm.loss)
-      ppo_state["value"] = train_step.TrainState.create(value_params, self.optimizers["value"])
-    self.state = {
-        "ppo": ppo_state,
-        "ref": policy_params,
-        "kl_coef": jnp.asarray(self.reward_cfg.kl_coef, jnp.float32),
-        "rng": jax.random.fold_in(rng, 2),
-    }
-    if self.prm_dense:
-      self.state["prm"] = prm_params
+    value_params = (init_value_params(value_init, cfg, policy_params, prm_params,
+                                      jax.random.fold_in(rng, 1), self.reward_cfg,
+                                      config.prm.loss) if self.critic else None)
+    self.state = learn.init_state(self.learner_cfg, self.learner.optimizers, policy_params,
+                                  value_params, prm_params, jax.random.fold_in(rng, 2))
     if mesh is not None:
-      self.state = self._place(self.state)
-    self.scorer = make_scorer(cfg, config.sampling.temperature, self.prm_dense,
-                              config.prm.loss, mesh, key, self.critic)
-    self.advantage_fn = make_advantage_fn(self.reward_cfg, rl.gamma, rl.lam, self.estimator,
-                                          int(rl.samples_per_prompt))
+      self.state = jax.device_put(self.state, self.learner.state_shardings)
     self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
-                           setup.tokenizer, mesh=sharding.sampling_mesh(self.mesh))
+                           setup.tokenizer, mesh=multihost.sampling_mesh(self.mesh),
+                           rules=rules)
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
     self.buckets = batching.default_buckets(
         max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
@@ -221,35 +197,19 @@ class RLTrainer:
     longest_group_row = max(1, self.prompts_per_row) * (
         max(map(len, self.prompt_ids)) + rl.samples_per_prompt * config.sampling.max_new_tokens)
     self.group_buckets = tuple(range(64, longest_group_row + 64, 64))
-    self.to_group_rows = jax.jit(to_group_rows, static_argnums=1)
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
     self.history: List[Dict[str, float]] = []
     self.start_step = 0
 
-  # ------------------------------------------------------------------------ placement
-
-  def _place(self, state: Dict[str, Any]) -> Dict[str, Any]:
-    """Puts the whole trainer state on the mesh, each model sharded by the rules."""
-    cfg, mesh, rules = self.setup.model_cfg, self.mesh, self.rules
-    rep = sharding.replicated(mesh)
-    out = dict(state)
-    out["ppo"] = train_step.place_state(state["ppo"], self.state_shardings)
-    out["ref"] = jax.device_put(state["ref"], sharding.param_shardings(CausalLM(cfg), mesh,
-                                                                        rules))
-    if "prm" in state:
-      out["prm"] = jax.device_put(state["prm"], sharding.param_shardings(ScalarModel(cfg), mesh,
-                                                                          rules))
-    out["kl_coef"], out["rng"] = jax.device_put((state["kl_coef"], state["rng"]), rep)
-    return out
+  # ------------------------------------------------------------------------ batches
 
   def _buckets(self, buckets: Sequence[int], longest: int) -> Sequence[int]:
     """Row-length buckets; on many processes, only those that fit every process's
     `longest` row, so that every process packs its rows to the same length."""
     if self.process_count == 1:
       return buckets
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    longest = multihost.max_over_processes(longest)
     return tuple(b for b in buckets if b >= longest)
 
   def _group_rows(self, rollouts: Rollouts, tokens: np.ndarray) -> Dict[str, np.ndarray]:
@@ -262,7 +222,7 @@ class RLTrainer:
     """This process's rows as the step's global batch (split by rows over the mesh)."""
     if self.mesh is None:
       return {k: jnp.asarray(v) for k, v in host.items()}
-    return sharding.global_batch_from_local(host, self.mesh, self.rules)
+    return multihost.global_batch_from_local(host, self.mesh, self.rules)
 
   # ------------------------------------------------------------------------ resume
 
@@ -305,7 +265,7 @@ class RLTrainer:
     key = jax.random.fold_in(self.state["rng"], step)
     if self.process_count > 1:     # distinct draws per process
       key = jax.random.fold_in(key, self.process_index)
-    params = sharding.local_copy(self.state["ppo"]["policy"].params, self.mesh)
+    params = multihost.local_copy(self.state["ppo"]["policy"].params, self.mesh)
     return sample_and_test(params, self.sampler, problems, prompt_ids,
                            self.setup.sandbox, key)
 
@@ -326,37 +286,14 @@ class RLTrainer:
       host.update(self._group_rows(rollouts, host["tokens"]))
     batch = self._device_batch(host)
     t_pack = time.time()
-    params = {"policy": self.state["ppo"]["policy"].params, "ref": self.state["ref"]}
-    if self.critic:
-      params["value"] = self.state["ppo"]["value"].params
-    if self.prm_dense:
-      params["prm"] = self.state["prm"]
-    batch.update(jax.block_until_ready(self.scorer(params, batch)))
-    t_score = time.time()
-    batch, reward_stats = jax.block_until_ready(
-        self.advantage_fn(batch, self.state["kl_coef"]))
-    t_advantages = time.time()
-    num_rows = int(batch["tokens"].shape[0])
-    if self.prompts_per_row:
-      batch = self.to_group_rows(batch, ppo.UPDATE_KEYS)
-    if self.mesh is not None:     # rows split as the update's in_shardings (a no-op if so)
-      batch = jax.device_put(batch, sharding.batch_sharding(self.mesh, self.rules))
     key = jax.random.fold_in(jax.random.fold_in(self.state["rng"], step), 1)
-    self.state["ppo"], update_metrics = self.update(self.state["ppo"], batch, key)
-    metrics = {**{f"reward/{k}": v for k, v in reward_stats.items()},
-               **{f"ppo/{k}": v for k, v in update_metrics.items()}}
+    self.state, metrics = self.learner.step(self.state, batch, key)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    t_update = time.time()
-    if self.reward_cfg.adaptive_kl:
-      self.state["kl_coef"] = rewards.update_kl_coef(
-          self.state["kl_coef"], metrics["reward/kl"], num_rows,
-          self.reward_cfg.kl_target, self.reward_cfg.kl_horizon)
+    t_learn = time.time()
     metrics.update({"time/rollout_s": t1 - t0, "time/step_s": time.time() - t0,
                     "time/sample_s": rollouts.seconds.get("sample", 0.0),
                     "time/sandbox_s": rollouts.seconds.get("test", 0.0),
-                    "time/pack_s": t_pack - t1, "time/score_s": t_score - t_pack,
-                    "time/advantages_s": t_advantages - t_score,
-                    "time/update_s": t_update - t_advantages,
+                    "time/pack_s": t_pack - t1, "time/learn_s": t_learn - t_pack,
                     "rollout/finished_by_eos": float(np.mean(
                         [r == "eos" for r in rollouts.finish_reason])),
                     "rollout/timeouts": float(np.mean(
