@@ -7,11 +7,14 @@ run's SFT policy and PRM (`--run_dir`, e.g. runs/quickstart after
 
   * ours:     the quickstart's RL step as configured (configs/quickstart.py: PPO with GAE,
     the value model initialised from the PRM, PRM dense rewards, scored and updated on
-    rows of two prompt groups, `rl.prompts_per_row=2`); `--ours` overrides fields;
+    rows of two prompt groups, `rl.prompts_per_row=2`, the sampler's log-probs reused as
+    the old policy's, `rl.old_logprobs=auto` in float32); `--ours` overrides fields;
   * baseline: the same step on one `prompt + response` row per sample, every prompt
-    computed once per sample (`--baseline`, default rl.prompts_per_row=0: the step
-    before rows of prompt groups). The two differ only in layout (and so in which
-    samples share a minibatch); tests/test_group_rows.py checks they compute the same.
+    computed once per sample, and the old log-probs recomputed by a policy forward
+    (`--baseline`, default `rl.prompts_per_row=0,rl.old_logprobs=recompute`: the step
+    before rows of prompt groups and log-prob reuse). The two differ only in layout (and
+    so in which samples share a minibatch) and in float rounding of the old log-probs;
+    tests/test_group_rows.py and tests/test_trainer.py check they compute the same.
 
 Each setting runs `--warmup` steps (compilation) and then `--steps` timed steps from the
 same initial policy; the table gives each phase's median seconds (a step whose rows
@@ -92,7 +95,7 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--ours", default="",
                       help="comma-separated field=value overrides of the config for 'ours'")
-  parser.add_argument("--baseline", default="rl.prompts_per_row=0",
+  parser.add_argument("--baseline", default="rl.prompts_per_row=0,rl.old_logprobs=recompute",
                       help="comma-separated field=value overrides for the baseline")
   args = parser.parse_args()
   overrides = lambda text: dict(kv.split("=", 1) for kv in text.split(",") if kv)  # noqa: E731

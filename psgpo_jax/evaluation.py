@@ -7,6 +7,7 @@ matplotlib (Agg, no pyplot state) plots of the paper's Figure 3 (Best-of-K) and 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -383,8 +384,8 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
   for start in range(0, len(problems), chunk):
     part = problems[start:start + chunk]
     rollouts = sample_and_test(params, sampler, part, prompt_ids[start:start + chunk],
-                               sandbox, jax.random.fold_in(jax.random.PRNGKey(seed), start),
-                               show_progress=show_progress)
+                               functools.partial(sandbox.run_many, progress=show_progress),
+                               jax.random.fold_in(jax.random.PRNGKey(seed), start))
     scores = (response_scorer(rollouts.prompt_ids, rollouts.response_ids)
               if response_scorer is not None else [None] * len(rollouts.texts))
     for i, text, result, score in zip(rollouts.problem_index, rollouts.texts,

@@ -1,13 +1,14 @@
-"""Sampling responses for problems and testing them: the one home of "rollouts".
+"""Sampling responses for problems and testing them: THE sample-and-test path.
 
-Used by the RL trainer (PPO batches), the label collector (responses to search) and
-evaluation (pass@k). Sampling runs on the device, testing in the host sandbox.
+`sample_and_test` serves the RL trainer (PPO batches), the label collector (the responses
+to search, and the K completions of each probed prefix, `prefixes`) and evaluation
+(pass@k). Sampling runs on the device, testing in the host sandbox.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -64,8 +65,9 @@ class Rollouts:
 
 
 def sample_and_test(params: Any, sampler, problems: Sequence[Any],
-                    prompt_ids: Sequence[Sequence[int]], sandbox, rng: jax.Array,
-                    show_progress: bool = False) -> Rollouts:
+                    prompt_ids: Sequence[Sequence[int]], run_many: Callable, rng: jax.Array,
+                    prefixes: Optional[Sequence[str]] = None,
+                    monitor_hacks: bool = True) -> Rollouts:
   """Samples `sampler.config.num_samples` responses per problem and runs their tests.
 
   Args:
@@ -73,19 +75,28 @@ def sample_and_test(params: Any, sampler, problems: Sequence[Any],
     sampler: a `psgpo_jax.sampling.Sampler` (with a tokenizer, for texts).
     problems: P problems (`.program(completion)`, `.tests`).
     prompt_ids: P prompt token lists (`encode(tokenizer, problem.prompt)`).
-    sandbox: a `psgpo_jax.sandbox.Sandbox` (or anything with `run_many`).
+    run_many: `(jobs) -> results`, e.g. a `psgpo_jax.sandbox.Sandbox`'s `run_many`.
     rng: PRNG key; the responses are a deterministic function of it.
+    prefixes: None, or P partial responses (texts) to continue: each sample then
+      completes its prefix, and the program tested is `problem.program(prefix + text)`.
+    monitor_hacks: compute the reward-hack flags (`hack_flags`; label probes skip them).
   Returns:
-    Rollouts with P * num_samples rows.
+    Rollouts with P * num_samples rows; `texts` and `response_ids` are the sampled
+    continuations (without the prefix).
   """
   start = time.time()
-  out = sampler.generate(params, prompt_ids, rng)
+  tokenizer = sampler.tokenizer
+  prefix_ids = (None if prefixes is None else
+                [encode(tokenizer, text) if text else None for text in prefixes])
+  out = sampler.generate(params, prompt_ids, rng, prefix_ids)
   sampled = time.time()
   index = np.asarray(out.prompt_index)
-  jobs = [(problems[i].program(text), problems[i].tests) for i, text in zip(index, out.texts)]
-  results = sandbox.run_many(jobs, progress=show_progress)
-  hack_flags = [hack_report(program, result, tests)
-                for (program, tests), result in zip(jobs, results)]
+  lead = [""] * len(problems) if prefixes is None else list(prefixes)
+  jobs = [(problems[i].program(lead[i] + text), problems[i].tests)
+          for i, text in zip(index, out.texts)]
+  results = run_many(jobs)
+  hack_flags = ([hack_report(program, result, tests)
+                 for (program, tests), result in zip(jobs, results)] if monitor_hacks else [])
   return Rollouts(
       problem_index=index,
       prompt_ids=[list(prompt_ids[i]) for i in index],

@@ -390,8 +390,11 @@ class Sampler:
 _SAMPLERS: "collections.OrderedDict[tuple, Sampler]" = collections.OrderedDict()
 
 
-def _sampler(model_cfg, config, tokenizer, mesh, rules) -> Sampler:
-  """A small cache of samplers, so repeated calls reuse the stop tables."""
+def cached_sampler(model_cfg: ModelConfig, config: SamplingConfig, tokenizer: Any = None,
+                   mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None
+                   ) -> Sampler:
+  """A sampler from a small cache, so that repeated calls (e.g. one per label batch) reuse
+  its stop-string tables, which cost a pass over the vocabulary to build."""
   key = (model_cfg, config, id(tokenizer), mesh,
          None if rules is None else tuple(sorted(sharding.make_rules(rules).items())))
   sampler = _SAMPLERS.get(key)
@@ -426,5 +429,5 @@ def generate(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], r
   Returns:
     `SampleOutput` with P * num_samples rows, prompt-major.
   """
-  return _sampler(model_cfg, config, tokenizer, mesh, rules).generate(params, prompts, rng,
-                                                                      prefixes)
+  return cached_sampler(model_cfg, config, tokenizer, mesh, rules).generate(
+      params, prompts, rng, prefixes)

@@ -88,6 +88,24 @@ class SamplingConfig:
     return cls(**values)
 
 
+def from_pipeline_config(config, tokenizer, num_samples: int,
+                         temperature: Optional[float] = None,
+                         greedy: bool = False) -> SamplingConfig:
+  """The SamplingConfig of a pipeline config's `sampling` section, with the tokenizer's
+  EOS (the model config's when the tokenizer has none) and its pad token (EOS when it
+  has none). The one conversion: RL rollouts, label collection and evaluation use it.
+  """
+  section = dict(config.sampling)
+  eos = tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  section.update(num_samples=int(num_samples), greedy=greedy,
+                 eos_ids=(int(eos),) if eos is not None else None,
+                 pad_id=int(pad) if pad is not None else 0)
+  if temperature is not None:
+    section["temperature"] = float(temperature)
+  return SamplingConfig.from_dict(section)
+
+
 @dataclasses.dataclass
 class SampleOutput:
   """Sampled responses, N = len(prompts) * num_samples rows, prompt-major.

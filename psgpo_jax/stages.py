@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from psgpo_jax import eval_plots, evaluation, multihost
+from psgpo_jax.sampling_config import from_pipeline_config
 from psgpo_jax.configuration import ConfigError
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
@@ -78,9 +79,8 @@ def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperat
                     response_scorer: Optional[Callable] = None) -> Dict[str, Any]:
   """`evaluation.evaluate_policy` with the run's model, tokenizer, sandbox, config and
   mesh (rows split over the sampling mesh's batch axes); `ks` None = `eval.ks`."""
-  from psgpo_jax.rl.trainer import sampling_config  # pylint: disable=import-outside-toplevel
-  sampling = sampling_config(ctx.config, ctx.tokenizer, num_samples, temperature=temperature,
-                             greedy=greedy)
+  sampling = from_pipeline_config(ctx.config, ctx.tokenizer, num_samples,
+                                  temperature=temperature, greedy=greedy)
   return evaluation.evaluate_policy(multihost.local_copy(params, ctx.mesh), ctx.model_cfg,
                                     ctx.tokenizer, problems, ctx.sandbox, sampling, seed,
                                     show_progress=show_progress,

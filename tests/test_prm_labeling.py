@@ -11,6 +11,7 @@ import pytest
 
 from psgpo_jax.lines import is_trivial_line, split_lines
 from psgpo_jax.prm import collect, labeler, search, select, shards
+from psgpo_jax.sampling_config import from_pipeline_config
 
 
 # ----------------------------------------------------------------------------- lines
@@ -420,7 +421,7 @@ def test_policy_probe_samples_k_completions_per_prefix_in_one_call(problems, poo
   cfg, params, tokenizer = tiny_policy
   config = base.get_config()
   config.sampling.max_new_tokens = 8
-  sampling = collect.sampling_config_for(config, tokenizer, num_samples=3, temperature=1.0)
+  sampling = from_pipeline_config(config, tokenizer, num_samples=3, temperature=1.0)
   seen = []
 
   def run_many(jobs):

@@ -28,6 +28,7 @@ from psgpo_jax.prm.labeler import (LabelingConfig, OracleFn, _agreement,
 from psgpo_jax.prm.search import PrefixJob, ProbeFn, Row
 from psgpo_jax.prm.select import label_counts, select_rows
 from psgpo_jax.prm.shards import load_labels, shard_indices, write_shard
+from psgpo_jax.sampling_config import from_pipeline_config
 
 STATS_FILE = "collect_stats.json"
 
@@ -206,26 +207,21 @@ class PolicyProbe:
   def outcomes(self, jobs: List[PrefixJob]) -> List[List[bool]]:
     """Per job, K booleans: completion passed all tests."""
     import jax  # pylint: disable=import-outside-toplevel
-    from psgpo_jax.sampling import generate  # pylint: disable=import-outside-toplevel
+    from psgpo_jax.rollout import sample_and_test  # pylint: disable=import-outside-toplevel
+    from psgpo_jax.sampling import cached_sampler  # pylint: disable=import-outside-toplevel
     if not jobs:
       return []
-    start = time.time()
-    out = generate(self.params, self.model_cfg,
-                   [_encode(self.tokenizer, j.problem.prompt) for j in jobs],
-                   jax.random.fold_in(self.rng, self.calls), self.sampling_config,
-                   tokenizer=self.tokenizer,
-                   prefixes=[_encode(self.tokenizer, j.prefix) or None for j in jobs],
-                   mesh=self.mesh)
+    sampler = cached_sampler(self.model_cfg, self.sampling_config, self.tokenizer, self.mesh)
+    rollouts = sample_and_test(
+        self.params, sampler, [j.problem for j in jobs],
+        [_encode(self.tokenizer, j.problem.prompt) for j in jobs], self.run_many_fn,
+        jax.random.fold_in(self.rng, self.calls), prefixes=[j.prefix for j in jobs],
+        monitor_hacks=False)
     self.calls += 1
-    mid = time.time()
-    k = self.k
-    programs = [(job.problem.program(job.prefix + out.texts[j * k + s]), job.problem.tests)
-                for j, job in enumerate(jobs) for s in range(k)]
-    results = self.run_many_fn(programs)
-    self.completions += len(programs)
-    self.seconds["sample"] += mid - start
-    self.seconds["test"] += time.time() - mid
-    return [[bool(results[j * k + s].passed) for s in range(k)] for j in range(len(jobs))]
+    self.completions += len(rollouts)
+    for phase in ("sample", "test"):
+      self.seconds[phase] += rollouts.seconds[phase]
+    return rollouts.passed.reshape(len(jobs), self.k).tolist()
 
   def __call__(self, jobs: List[PrefixJob]) -> List[int]:
     return [sum(o) for o in self.outcomes(jobs)]
@@ -241,40 +237,28 @@ def make_respond_fn(params: Any, model_cfg: Any, tokenizer: Any, sampling_config
   `response_tokens`, `status`, `tests_passed`, `tests_total`.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.sampling import generate  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rollout import sample_and_test  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling import cached_sampler  # pylint: disable=import-outside-toplevel
   from psgpo_jax.tokenization import line_spans  # pylint: disable=import-outside-toplevel
 
   def respond(b: int, problems: Sequence[Any]):
-    k = sampling_config.num_samples
     prompt_ids = [_encode(tokenizer, p.prompt) for p in problems]
-    out = generate(params, model_cfg, prompt_ids, jax.random.fold_in(rng, b),
-                   sampling_config, tokenizer=tokenizer, mesh=mesh)
-    owners = [problems[i // k] for i in range(len(out.texts))]
-    results = run_many_fn([(p.program(t), p.tests) for p, t in zip(owners, out.texts)])
+    sampler = cached_sampler(model_cfg, sampling_config, tokenizer, mesh)
+    rollouts = sample_and_test(params, sampler, problems, prompt_ids, run_many_fn,
+                               jax.random.fold_in(rng, b), monitor_hacks=False)
     extras = []
-    for i, (text, result) in enumerate(zip(out.texts, results)):
+    for i, text, result in zip(rollouts.problem_index, rollouts.texts, rollouts.results):
       response_ids = _encode(tokenizer, text)
-      spans = line_spans(tokenizer, prompt_ids[i // k], response_ids)
+      spans = line_spans(tokenizer, prompt_ids[i], response_ids)
       if spans.num_lines != len(split_lines(text)):
         raise ValueError(f"Line split mismatch for response {text!r}: tokenization found "
                          f"{spans.num_lines} lines, labeling {len(split_lines(text))}.")
       extras.append({"line_end_token_indices": [int(e) for e in spans.end_token],
                      "response_tokens": len(response_ids), "status": result.status,
                      "tests_passed": result.tests_passed, "tests_total": result.tests_total})
-    return list(out.texts), [bool(r.passed) for r in results], extras
+    return list(rollouts.texts), rollouts.passed.tolist(), extras
 
   return respond
-
-
-def sampling_config_for(config: Any, tokenizer: Any, num_samples: int, temperature: float):
-  """The `SamplingConfig` of a pipeline config's `sampling` section, for labeling."""
-  from psgpo_jax.sampling_config import SamplingConfig  # pylint: disable=import-outside-toplevel
-  values = dict(config.sampling)
-  eos = tokenizer.eos_token_id
-  return SamplingConfig.from_dict(values).replace(
-      num_samples=int(num_samples), temperature=float(temperature),
-      pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
-      eos_ids=(int(eos),) if eos is not None else None)
 
 
 def default_oracle(problems: Sequence[Any]) -> Optional[OracleFn]:
@@ -328,10 +312,10 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
     run_many_fn = pool.run_many
   completer_params = policy_params if completer_params is None else completer_params
   respond_rng, probe_rng, agree_rng = jax.random.split(rng, 3)
-  respond_cfg = sampling_config_for(config, tokenizer, labeling.responses_per_prompt,
-                                    labeling.temperature)
-  probe_cfg = sampling_config_for(config, tokenizer, labeling.completions,
-                                  labeling.temperature)
+  respond_cfg = from_pipeline_config(config, tokenizer, labeling.responses_per_prompt,
+                                     labeling.temperature)
+  probe_cfg = from_pipeline_config(config, tokenizer, labeling.completions,
+                                   labeling.temperature)
   respond_fn = make_respond_fn(policy_params, model_cfg, tokenizer, respond_cfg, run_many_fn,
                                respond_rng, mesh)
   probes: List[PolicyProbe] = []

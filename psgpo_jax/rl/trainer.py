@@ -15,7 +15,8 @@ from the policy's backbone. `rl.advantage` picks GAE (with the value model) or a
 critic-free estimator (RLOO / GRPO, `rl.advantages`: no value model is built or trained);
 `rl.dense_source = "oracle"` takes the dense line rewards from the synthetic suite's
 exact first-error oracle instead of the PRM (the upper bound of the method). Each step
-logs its phases' seconds (`time/sample_s`, `sandbox`, `pack`, `learn`) and the sandbox's hack monitors (`rollout/hack_flags`).
+logs its phases' seconds (`time/sample_s`, `sandbox`, `pack`, `learn`) and the sandbox's
+hack monitors (`rollout/hack_flags`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from psgpo_jax.rl.batch import prompt_group_rows, rollout_batch
 from psgpo_jax.rl.value_init import init_value_params
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler
-from psgpo_jax.sampling_config import SamplingConfig
+from psgpo_jax.sampling_config import from_pipeline_config
 from psgpo_jax.sandbox import HACK_KINDS, any_hack
 
 Array = jax.Array
@@ -47,19 +48,6 @@ Array = jax.Array
 
 class TrainingDiverged(RuntimeError):
   """Too many consecutive updates had non-finite losses or gradients."""
-
-
-def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, num_samples: int,
-                    temperature: Optional[float] = None, greedy: bool = False
-                    ) -> SamplingConfig:
-  """The SamplingConfig of a pipeline config's `sampling` section."""
-  section = dict(config.sampling)
-  section.update(num_samples=num_samples, greedy=greedy,
-                 eos_ids=(int(tokenizer.eos_token_id),),
-                 pad_id=int(tokenizer.pad_token_id))
-  if temperature is not None:
-    section["temperature"] = temperature
-  return SamplingConfig.from_dict(section)
 
 
 @dataclasses.dataclass
@@ -187,7 +175,8 @@ class RLTrainer:
                                   value_params, prm_params, jax.random.fold_in(rng, 2))
     if mesh is not None:
       self.state = jax.device_put(self.state, self.learner.state_shardings)
-    self.sampler = Sampler(cfg, sampling_config(config, setup.tokenizer, rl.samples_per_prompt),
+    self.sampler = Sampler(cfg,
+                           from_pipeline_config(config, setup.tokenizer, rl.samples_per_prompt),
                            setup.tokenizer, mesh=multihost.sampling_mesh(self.mesh),
                            rules=rules)
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
@@ -267,7 +256,7 @@ class RLTrainer:
       key = jax.random.fold_in(key, self.process_index)
     params = multihost.local_copy(self.state["ppo"]["policy"].params, self.mesh)
     return sample_and_test(params, self.sampler, problems, prompt_ids,
-                           self.setup.sandbox, key)
+                           self.setup.sandbox.run_many, key)
 
   def train_step(self, step: int) -> Dict[str, float]:
     """One PSGPO iteration; returns its metrics (host floats)."""
