@@ -203,6 +203,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)            # (data, fsdp, tensor); -1 fills the remaining devices
   c.mesh.distributed = False           # call jax.distributed.initialize() (multi-host)
+  c.mesh.coordinator_address = ""      # host:port of process 0; "" = auto-detect (TPU pods)
+  c.mesh.num_processes = 0             # 0 = auto-detect
+  c.mesh.process_id = -1               # this process's index; -1 = auto-detect
   c.mesh.rules = ""                    # logical-axis rule overrides, e.g. "embed:fsdp,mlp:
                                        # tensor+fsdp,vocab:" ("" = sharding.DEFAULT_RULES)
 

@@ -11,7 +11,8 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 
@@ -349,7 +350,9 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
                     show_progress: bool = True, rows_per_call: int = 256,
                     mesh: Any = None, ks: Optional[Sequence[int]] = None,
                     response_scorer: Optional[Callable[..., np.ndarray]] = None,
-                    rules: Any = None) -> Dict[str, Any]:
+                    rules: Any = None, shard: Tuple[int, int] = (0, 1),
+                    gather: Optional[Callable[[List[Dict[str, Any]]], List[Dict[str, Any]]]]
+                    = None) -> Dict[str, Any]:
   """Samples `sampling_config.num_samples` responses per problem and tests them.
 
   Args:
@@ -380,8 +383,10 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
   sampler = Sampler(model_cfg, sampling_config, tokenizer, mesh, rules)
   prompt_ids = [encode(tokenizer, p.prompt) for p in problems]
   chunk = max(1, rows_per_call // n)
+  starts = list(range(0, len(problems), chunk))
+  index, count = shard
   samples: List[Dict[str, Any]] = []
-  for start in range(0, len(problems), chunk):
+  for start in np.array_split(np.asarray(starts, int), count)[index].tolist():
     part = problems[start:start + chunk]
     rollouts = sample_and_test(params, sampler, part, prompt_ids[start:start + chunk],
                                functools.partial(sandbox.run_many, progress=show_progress),
@@ -398,6 +403,8 @@ def evaluate_policy(params: Any, model_cfg: Any, tokenizer: Any, problems: Seque
                       "lines": count_lines(text)})
       if score is not None:
         samples[-1]["score"] = float(score)
+  if gather is not None:
+    samples = gather(samples)
   ks = list(ks) if ks is not None else parse_ks("", n)
   passed = [s["passed"] for s in samples]
   out = {"summary": summarize(samples, ks=ks),

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict
 
 import ml_collections
 
-from psgpo_jax import run_setup, stages
+from psgpo_jax import multihost, run_setup, stages
 from psgpo_jax.configuration import stage_list, validate_config
 from psgpo_jax.jsonio import write_json
 
@@ -107,17 +107,21 @@ def _result_path(ctx: RunContext, name: str) -> str:
 
 
 def _write_json(path: str, value: Any) -> None:
-  """`jsonio.write_json`; keys keep their order (stages in run order)."""
-  write_json(path, value)
+  """`jsonio.write_json` on process 0 (every process holds the same results); keys keep
+  their order (stages in run order)."""
+  if multihost.is_main_process():
+    write_json(path, value)
 
 
 def run(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Validates `config`, runs its stages in order, writes and prints the summary."""
   validate_config(config)
+  multihost.initialize_distributed(config.mesh)   # before anything touches the backend
   ctx = RunContext(config)
   os.makedirs(ctx.workdir, exist_ok=True)
-  with open(os.path.join(ctx.workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if multihost.is_main_process():
+    with open(os.path.join(ctx.workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
   summary: Dict[str, Any] = {}
   try:
     _run_stages(config, ctx, summary)
@@ -135,6 +139,7 @@ def _run_stages(config: ml_collections.ConfigDict, ctx: RunContext,
       raise NotImplementedError(f"Stage '{name}' is not available in this version; "
                                 f"available: {sorted(STAGE_FNS)}.")
     path = _result_path(ctx, name)
+    multihost.barrier(f"stage_{name}")     # every process decides on the same files
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         ctx.results[name] = json.load(f)

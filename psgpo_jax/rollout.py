@@ -67,7 +67,7 @@ class Rollouts:
 def sample_and_test(params: Any, sampler, problems: Sequence[Any],
                     prompt_ids: Sequence[Sequence[int]], run_many: Callable, rng: jax.Array,
                     prefixes: Optional[Sequence[str]] = None,
-                    monitor_hacks: bool = True) -> Rollouts:
+                    monitor_hacks: bool = True, first_row: int = 0) -> Rollouts:
   """Samples `sampler.config.num_samples` responses per problem and runs their tests.
 
   Args:
@@ -80,6 +80,8 @@ def sample_and_test(params: Any, sampler, problems: Sequence[Any],
     prefixes: None, or P partial responses (texts) to continue: each sample then
       completes its prefix, and the program tested is `problem.program(prefix + text)`.
     monitor_hacks: compute the reward-hack flags (`hack_flags`; label probes skip them).
+    first_row: these rows' offset in a larger batch (`Sampler.generate`): a process's
+      share of a multi-process batch draws what one process would.
   Returns:
     Rollouts with P * num_samples rows; `texts` and `response_ids` are the sampled
     continuations (without the prefix).
@@ -88,7 +90,7 @@ def sample_and_test(params: Any, sampler, problems: Sequence[Any],
   tokenizer = sampler.tokenizer
   prefix_ids = (None if prefixes is None else
                 [encode(tokenizer, text) if text else None for text in prefixes])
-  out = sampler.generate(params, prompt_ids, rng, prefix_ids)
+  out = sampler.generate(params, prompt_ids, rng, prefix_ids, first_row)
   sampled = time.time()
   index = np.asarray(out.prompt_index)
   lead = [""] * len(problems) if prefixes is None else list(prefixes)

@@ -173,7 +173,7 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding.logical_to_sharding(
         PartitionSpec(*CACHE_AXES), x.shape, mesh, table)), cache)
 
-  def run(params, tokens, mask, rng, stop_state, stop_table, valid):
+  def run(params, tokens, mask, rng, stop_state, stop_table, valid, first_row):
     """Prefill, then a while loop that makes one token per step until all rows end.
 
     Args:
@@ -183,6 +183,7 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
       stop_state: [P*n] int32 initial stop-automaton states.
       stop_table: [num_states, V] int32 token transitions (dummy when unused).
       valid: [P*n] bool, False for padding rows.
+      first_row: int32 scalar, the index of row 0 in the keying (`Sampler.generate`).
     Returns:
       tokens [P*n, M] int32, logprobs [P*n, M] float32, lengths [P*n] int32,
       reasons [P*n] int32 (FINISH_*).
@@ -193,7 +194,7 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
     cache = constrain_cache(cache)
     kv_mask, logits, pos = jax.tree.map(constrain, (kv_mask, logits, pos))
     rows = logits.shape[0]
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(rows))
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, first_row + jnp.arange(rows))
     uniforms = lambda step: jax.vmap(
         lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
 
@@ -293,7 +294,8 @@ class Sampler:
     return params, arrays
 
   def generate(self, params, prompts: Sequence[Sequence[int]], rng: Array,
-               prefixes: Optional[Sequence[Optional[Sequence[int]]]] = None) -> SampleOutput:
+               prefixes: Optional[Sequence[Optional[Sequence[int]]]] = None,
+               first_row: int = 0) -> SampleOutput:
     """Samples `num_samples` responses per prompt.
 
     Args:
@@ -302,6 +304,9 @@ class Sampler:
       rng: a PRNG key; the result is a deterministic function of it.
       prefixes: None, or P partial responses (token ids, or None/[] for a fresh prompt)
         to continue; they are part of the response for stop strings, not of the output.
+      first_row: the rows are keyed as rows first_row, first_row + 1, ... of a larger
+        batch: each process of a multi-process run samples its share of a batch with the
+        same `rng` and its share's first row, and draws what one process would.
     Returns:
       A `SampleOutput` with P * num_samples rows.
     """
@@ -344,7 +349,8 @@ class Sampler:
 
     params, (tokens, mask, states, valid) = self._place(params, [tokens, mask, states, valid])
     fn = _compiled(self.model_cfg, self._static, self.mesh, self.rules)
-    out = fn(params, tokens, mask, rng, states, self._stop_table, valid)
+    out = fn(params, tokens, mask, rng, states, self._stop_table, valid,
+             np.int32(first_row))
     out_tok, out_logp, lengths, reasons = (np.asarray(x) for x in jax.device_get(out))
     rows = num_prompts * n
     return self._finish(out_tok[:rows], out_logp[:rows], lengths[:rows], reasons[:rows],

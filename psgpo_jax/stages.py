@@ -16,7 +16,6 @@ import ml_collections
 
 from psgpo_jax import eval_plots, evaluation, multihost
 from psgpo_jax.sampling_config import from_pipeline_config
-from psgpo_jax.configuration import ConfigError
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
 
@@ -35,8 +34,13 @@ def stage(name: str):
 
 
 def save_model(path: str, cfg, params, kind: str = "causal_lm") -> str:
+  """Saves `params` as a Hugging Face checkpoint; on several processes process 0 writes
+  and the others wait for it (every process must call this)."""
   from psgpo_jax.models import save_hf_checkpoint  # pylint: disable=import-outside-toplevel
-  save_hf_checkpoint(path, cfg, jax.device_get(params), model=kind)
+  params = jax.device_get(params)
+  if multihost.is_main_process():
+    save_hf_checkpoint(path, cfg, params, model=kind)
+  multihost.barrier(f"save_model:{path}")
   return path
 
 
@@ -87,17 +91,9 @@ def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperat
                                     mesh=multihost.sampling_mesh(ctx.mesh), rules=ctx.rules,
                                     ks=ks if ks is not None else evaluation.parse_ks(
                                         ctx.config.eval.ks, num_samples),
-                                    response_scorer=response_scorer)
-
-
-def _require_one_process(stage_name: str) -> None:
-  """Refuses a multi-process run of a stage that does not split its prompts by process."""
-  if jax.process_count() > 1:
-    raise ConfigError(
-        f"The {stage_name} stage runs on one process: it does not split its prompts between "
-        f"the {jax.process_count()} processes yet, and each would write the same files. Run "
-        f"it on one host (mesh.distributed=False), then start the pipeline on every host "
-        f"again: stages that finished are skipped.")
+                                    response_scorer=response_scorer,
+                                    shard=(jax.process_index(), jax.process_count()),
+                                    gather=multihost.allgather_json)
 
 
 def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
@@ -194,7 +190,8 @@ def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: b
       save_model(os.path.join(workdir, "value"), ctx.model_cfg, trainer.value_params, "scalar")
   finally:
     trainer.close()
-  _plot_training(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "training.png"))
+  if multihost.is_main_process():
+    _plot_training(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "training.png"))
   return result
 
 
@@ -224,11 +221,12 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """PRM labels by binary search over line prefixes (K completions per probed prefix).
 
   With several labeling policies (baseline snapshots), the prompts are split evenly
-  between them; the completer is the policy that wrote the response.
+  between them; the completer is the policy that wrote the response. On several
+  processes each labels its share of the batches (`prm.collect.run_collection`) on its
+  own devices and sandbox, into the shared stage directory.
   """
   from psgpo_jax.prm.collect import collect_labels  # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.select import label_counts  # pylint: disable=import-outside-toplevel
-  _require_one_process("collect")
   out_dir = ctx.stage_dir("collect")
   policies = labeling_policies(ctx)
   problems = ctx.problems["train"][:config.collect.num_prompts]
@@ -309,8 +307,8 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """pass@k, Best-of-K (the oracle's pick, and with a PRM its pick) and pass@1 by horizon
   of the policy before and after RL."""
   from psgpo_jax.prm.scoring import response_scores  # pylint: disable=import-outside-toplevel
-  _require_one_process("eval")
   out_dir = ctx.stage_dir("eval")
+  main = multihost.is_main_process()    # every process samples its share; process 0 writes
   problems = ctx.problems["eval"]
   if config.eval.num_problems:
     problems = problems[:config.eval.num_problems]
@@ -330,19 +328,13 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
                           config.eval.temperature, config.seed + 17,
                           show_progress=config.logging.progress, response_scorer=scorer)
     samples[label] = out.pop("samples")
-    evaluation.write_samples_jsonl(os.path.join(out_dir, f"samples_{label}.jsonl"),
-                                   samples[label])
+    if main:
+      evaluation.write_samples_jsonl(os.path.join(out_dir, f"samples_{label}.jsonl"),
+                                     samples[label])
     out["greedy_pass@1"] = _greedy_pass_rate(ctx, params, problems, config.seed)
     report[label] = out
-  write_json(os.path.join(out_dir, "report.json"), report)
-  curves = {f"{k} (oracle pick)" if prm is not None else k: v["best_of_k"]
-            for k, v in report.items()}
-  curves.update({f"{k} (PRM pick)": v["best_of_k_scored"] for k, v in report.items()
-                 if "best_of_k_scored" in v})
-  eval_plots.plot_best_of_k(curves, os.path.join(out_dir, "best_of_k.png"))
-  eval_plots.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
-                                 os.path.join(out_dir, "pass_by_horizon.png"),
-                                 xlabel="horizon (solution lines)", title="pass@1 by horizon")
+  if main:
+    _write_eval_outputs(out_dir, report, with_prm=prm is not None)
   result: Dict[str, Any] = {}
   for label, out in report.items():
     for key, value in out["summary"]["all"].items():
@@ -356,6 +348,18 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
     gain = evaluation.paired_pass_gain(samples["before"], samples["after"])
     result["gain.pass@1"], result["gain.pass@1_se"] = gain["gain"], gain["se"]
   return result
+
+
+def _write_eval_outputs(out_dir: str, report: Dict[str, Any], with_prm: bool) -> None:
+  """report.json, and the Best-of-K (oracle and PRM picks) and pass-by-horizon plots."""
+  write_json(os.path.join(out_dir, "report.json"), report)
+  curves = {f"{k} (oracle pick)" if with_prm else k: v["best_of_k"] for k, v in report.items()}
+  curves.update({f"{k} (PRM pick)": v["best_of_k_scored"] for k, v in report.items()
+                 if "best_of_k_scored" in v})
+  eval_plots.plot_best_of_k(curves, os.path.join(out_dir, "best_of_k.png"))
+  eval_plots.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
+                                 os.path.join(out_dir, "pass_by_horizon.png"),
+                                 xlabel="horizon (solution lines)", title="pass@1 by horizon")
 
 
 # RL metrics plotted over training steps (a run's training.png, the ablation's monitors):

@@ -53,8 +53,9 @@ def _problem_id(problem: Any, fallback: int) -> Any:
 def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
                    probe_for_batch: Callable[[int], ProbeFn], config: LabelingConfig,
                    out_dir: str, oracle_fn: Optional[OracleFn] = None,
-                   log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None
-                   ) -> Dict[str, Any]:
+                   log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                   shard: Tuple[int, int] = (0, 1),
+                   sync: Callable[[str], None] = lambda name: None) -> Dict[str, Any]:
   """Labels `problems` batch by batch into resumable shards; returns the collection stats.
 
   Batch b holds `config.prompts_per_batch` whole prompts; its rows go to
@@ -62,6 +63,12 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
   batch whose shard exists is skipped, so a crash loses at most the batch in flight.
   Each row carries `selected` (selection + uniform-prompt drop of `config`). Stats are
   written to `out_dir/collect_stats.json`.
+
+  Several processes (`shard` = (process index, process count)) each label the batches
+  b = index (mod count) into the same (shared) directory; since a batch depends only on
+  its index (`respond_fn(b, ...)`, `probe_for_batch(b)`), the shards are those one
+  process would write. `sync(name)` waits for every process (`multihost.barrier`) before
+  the stats are read from all shards; process 0 writes them.
 
   Args:
     problems: the prompts to label.
@@ -74,13 +81,16 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
     oracle_fn: optional (problem, response) -> first wrong line (0-based) or None; its
       value is stored per row (`oracle_first_bad`) and agreement goes to the stats.
     log_fn: optional callback (batch_index, batch metrics).
+    shard: (this process's index, the process count).
+    sync: a barrier over the processes.
   """
   os.makedirs(out_dir, exist_ok=True)
   per_batch = config.prompts_per_batch
   num_batches = math.ceil(len(problems) / per_batch)
   done = set(shard_indices(out_dir))
   new_batches = 0
-  for b in range(num_batches):
+  index, count = shard
+  for b in range(index, num_batches, count):
     if b in done:
       continue
     start = time.time()
@@ -121,14 +131,16 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
     if log_fn is not None:
       log_fn(b, {**_stats(rows, config), "batch_seconds": seconds,
                  "search_seconds": search_seconds})
+  sync("collect_batches")
   rows = load_labels(out_dir, selected_only=False)
   stats = _stats(rows, config)
   # Wall time of every finished batch, this run's and earlier (interrupted) runs'.
   stats["wall_seconds"] = sum({r["batch"]: r.get("batch_seconds", 0.0) for r in rows}.values())
   stats["seconds_per_response"] = stats["wall_seconds"] / max(len(rows), 1)
   stats["batches"] = num_batches
-  stats["batches_run_now"] = new_batches
-  _write_json(os.path.join(out_dir, STATS_FILE), stats)
+  stats["batches_run_now"] = new_batches      # by this process
+  if index == 0:
+    _write_json(os.path.join(out_dir, STATS_FILE), stats)
   return stats
 
 
@@ -299,8 +311,9 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
     The collection stats (also in `out_dir/collect_stats.json`).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from psgpo_jax import sandbox  # pylint: disable=import-outside-toplevel
+  from psgpo_jax import multihost, sandbox  # pylint: disable=import-outside-toplevel
   labeling = LabelingConfig.from_config(config)
+  index = jax.process_index()
   problems = list(problems)[:int(config.collect.num_prompts)]
   oracle_fn = oracle_fn or default_oracle(problems)
   pool = None
@@ -342,11 +355,12 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
 
   try:
     stats = run_collection(problems, respond_fn, probe_for_batch, labeling, out_dir,
-                           oracle_fn, log_fn)
+                           oracle_fn, log_fn, (index, jax.process_count()),
+                           multihost.barrier)
     if agreement_ks and oracle_fn is not None:
       path = os.path.join(out_dir, "agreement_by_k.json")
       report = _read_json(path)
-      if report is None:
+      if report is None and index == 0:     # process 0 runs the experiment; the rest wait
         by_id = {_problem_id(p, i): p for i, p in enumerate(problems)}
         rows = [r for r in load_labels(out_dir, selected_only=False)
                 if r["searched"] and r["problem_id"] in by_id][:agreement_responses]
@@ -357,8 +371,10 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
                                       [r["response"] for r in rows], probe.outcomes,
                                       oracle_fn, agreement_ks, labeling.skip_trivial_lines)
         _write_json(path, report)
-      stats["agreement_by_k"] = report
-      _write_json(os.path.join(out_dir, STATS_FILE), stats)
+      multihost.barrier("collect_agreement")
+      stats["agreement_by_k"] = report if report is not None else _read_json(path)
+      if index == 0:
+        _write_json(os.path.join(out_dir, STATS_FILE), stats)
   finally:
     if pool is not None:
       pool.close()

@@ -238,6 +238,8 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   bar = progress(range(first, config.steps), desc="prm", enabled=show_progress)
   for step in bar:
     batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
+    if mesh is not None:     # the same rows on every process: each places its shards
+      batch = sharding.shard_batch(batch, mesh, rules)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
     checkpointing.save_on_schedule(checkpointer, step + 1, checkpoint_every, config.steps,
                                    state)
@@ -272,11 +274,12 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   if writer is not None:
     writer.write(config.steps, {k: v for k, v in result.items()
                                 if isinstance(v, (int, float))}, prefix="prm/")
-  if after.get("calibration"):
-    plot_calibration(after["calibration"], os.path.join(out_dir, "calibration.png"),
-                     title=f"PRM held-out calibration (ECE {after['ece']:.3f})")
-  _write_json(os.path.join(out_dir, "metrics.json"),
-              {**result, "calibration": after.get("calibration", [])})
+  if jax.process_index() == 0:          # every process holds the same result
+    if after.get("calibration"):
+      plot_calibration(after["calibration"], os.path.join(out_dir, "calibration.png"),
+                       title=f"PRM held-out calibration (ECE {after['ece']:.3f})")
+    _write_json(os.path.join(out_dir, "metrics.json"),
+                {**result, "calibration": after.get("calibration", [])})
   return params, result
 
 

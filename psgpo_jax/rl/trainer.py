@@ -251,12 +251,13 @@ class RLTrainer:
     index = self.step_indices(step)
     problems = [self.setup.train_problems[i] for i in index]
     prompt_ids = [self.prompt_ids[i] for i in index]
-    key = jax.random.fold_in(self.state["rng"], step)
-    if self.process_count > 1:     # distinct draws per process
-      key = jax.random.fold_in(key, self.process_index)
+    # This process's copy of the (replicated) key: the sampler runs on local devices. Its
+    # rows are keyed as its share of the step's rows, so it draws what one process would.
+    key = jax.random.fold_in(multihost.local_copy(self.state["rng"], self.mesh), step)
     params = multihost.local_copy(self.state["ppo"]["policy"].params, self.mesh)
+    first_row = self.process_index * len(index) * int(self.config.rl.samples_per_prompt)
     return sample_and_test(params, self.sampler, problems, prompt_ids,
-                           self.setup.sandbox.run_many, key)
+                           self.setup.sandbox.run_many, key, first_row=first_row)
 
   def train_step(self, step: int) -> Dict[str, float]:
     """One PSGPO iteration; returns its metrics (host floats)."""
@@ -337,10 +338,14 @@ class RLTrainer:
     return self.summary()
 
   def _save_snapshot(self, step: int) -> None:
-    """Keeps the policy of `step` (the baseline stage's labeling policies)."""
+    """Keeps the policy of `step` (the baseline stage's labeling policies); process 0
+    writes it, the others wait."""
     from psgpo_jax.models import save_hf_checkpoint  # pylint: disable=import-outside-toplevel
-    save_hf_checkpoint(os.path.join(self.workdir, "snapshots", f"step_{step:06d}"),
-                       self.setup.model_cfg, jax.device_get(self.state["ppo"]["policy"].params))
+    params = jax.device_get(self.state["ppo"]["policy"].params)
+    if multihost.is_main_process():
+      save_hf_checkpoint(os.path.join(self.workdir, "snapshots", f"step_{step:06d}"),
+                         self.setup.model_cfg, params)
+    multihost.barrier(f"snapshot:{step}")
 
   def summary(self) -> Dict[str, Any]:
     """Averages of the last steps' key metrics."""
