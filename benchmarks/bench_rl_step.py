@@ -74,7 +74,7 @@ def time_setting(config, run_dir: str, steps: int, warmup: int):
       trainer = RLTrainer(config, stages._rl_setup(ctx, evaluate=False), tmp,   # pylint: disable=protected-access
                           stages.sft_policy(ctx), prm, steps=warmup + steps,
                           dense_reward=rl.dense_reward, value_init=rl.value_init)
-      rows = [trainer.train_step(s) for s in range(warmup + steps)][warmup:]
+      rows = [trainer.iteration(s) for s in range(warmup + steps)][warmup:]
       trainer.close()
   finally:
     ctx.close()

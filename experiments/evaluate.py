@@ -49,7 +49,7 @@ def evaluate(config) -> dict:
       problems = problems[:config.eval.num_problems]
     print(f"Evaluating {checkpoint} on {len(problems)} problems x {config.eval.num_samples} "
           f"samples at temperature {config.eval.temperature}")
-    report = stages.evaluate_policy(ctx, params, problems, config.eval.num_samples,
+    report = stages.evaluate_in_run(ctx, params, problems, config.eval.num_samples,
                                     config.eval.temperature, config.seed,
                                     show_progress=config.logging.progress)
   finally:

@@ -77,7 +77,7 @@ def _require(path: str, what: str, stage_name: str) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperature: float,
+def evaluate_in_run(ctx, params, problems: List[Any], num_samples: int, temperature: float,
                     seed: int, greedy: bool = False, show_progress: bool = True,
                     ks: Optional[Sequence[int]] = None,
                     response_scorer: Optional[Callable] = None) -> Dict[str, Any]:
@@ -97,7 +97,7 @@ def evaluate_policy(ctx, params, problems: List[Any], num_samples: int, temperat
 
 
 def _greedy_pass_rate(ctx, params, problems, seed: int) -> float:
-  out = evaluate_policy(ctx, params, problems, 1, 1.0, seed, greedy=True, show_progress=False,
+  out = evaluate_in_run(ctx, params, problems, 1, 1.0, seed, greedy=True, show_progress=False,
                         ks=(1,))
   return out["summary"]["all"].get("pass@1", 0.0)
 
@@ -159,7 +159,7 @@ def _rl_setup(ctx, evaluate: bool):
     out = {"greedy_pass@1": _greedy_pass_rate(ctx, params, eval_problems, ctx.config.seed)}
     samples = int(ctx.config.rl.eval_samples)
     if samples:
-      sampled = evaluate_policy(ctx, params, eval_problems, samples,
+      sampled = evaluate_in_run(ctx, params, eval_problems, samples,
                                 ctx.config.eval.temperature, ctx.config.seed + 17,
                                 show_progress=False, ks=(1,))
       out["pass@1"] = sampled["summary"]["all"].get("pass@1", 0.0)
@@ -241,7 +241,7 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
           jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
           writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else (),
           mesh=multihost.sampling_mesh(ctx.mesh))
-  rows = load_labels(ctx)
+  rows = run_labels(ctx)
   counts = label_counts(rows)
   result = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
   result.update({f"selected_{k}": v for k, v in counts.items()})
@@ -253,7 +253,7 @@ def _agreement_ks(config) -> tuple:
   return tuple(sorted({1, 2, 4, k} & set(range(1, k + 1))))
 
 
-def load_labels(ctx) -> List[Dict[str, Any]]:
+def run_labels(ctx) -> List[Dict[str, Any]]:
   """Selected labeled rows of every labeling policy."""
   from psgpo_jax.prm import shards  # pylint: disable=import-outside-toplevel
   out_dir = os.path.join(ctx.workdir, "collect")
@@ -266,7 +266,7 @@ def load_labels(ctx) -> List[Dict[str, Any]]:
 def run_prm(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   """Trains the PRM (ScalarModel from the SFT backbone) on the collected line labels."""
   from psgpo_jax.prm import train as prm_train  # pylint: disable=import-outside-toplevel
-  rows = load_labels(ctx)
+  rows = run_labels(ctx)
   if not rows:
     raise ValueError("The collect stage selected no labeled responses (see "
                      "collect/collect_stats.json): a PRM needs failed responses with a "
@@ -324,7 +324,7 @@ def run_eval(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   scorer = None if prm is None else functools.partial(   # Best-of-K by the PRM's pick
       response_scores, prm, ctx.model_cfg, ctx.tokenizer, loss=config.prm.loss)
   for label, params in policies.items():
-    out = evaluate_policy(ctx, params, problems, config.eval.num_samples,
+    out = evaluate_in_run(ctx, params, problems, config.eval.num_samples,
                           config.eval.temperature, config.seed + 17,
                           show_progress=config.logging.progress, response_scorer=scorer)
     samples[label] = out.pop("samples")

@@ -259,7 +259,7 @@ class RLTrainer:
     return sample_and_test(params, self.sampler, problems, prompt_ids,
                            self.setup.sandbox.run_many, key, first_row=first_row)
 
-  def train_step(self, step: int) -> Dict[str, float]:
+  def iteration(self, step: int) -> Dict[str, float]:
     """One PSGPO iteration; returns its metrics (host floats)."""
     t0 = time.time()
     rollouts = self.rollout(step)
@@ -309,7 +309,7 @@ class RLTrainer:
       if writer is not None:
         writer.write(-1, initial)
     for step in bar:
-      metrics = self.train_step(step)
+      metrics = self.iteration(step)
       nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["ppo/nonfinite"] > 0 else 0
       if nonfinite_in_a_row >= rl.max_nonfinite_steps:
         raise TrainingDiverged(
