@@ -17,17 +17,13 @@ Two processes must write the labels and the evaluation one process writes.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
+
+from tests.multihost_job import parse_and_join
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--num_processes", type=int, default=1)
-  parser.add_argument("--process_id", type=int, default=0)
-  parser.add_argument("--port", type=int, default=0)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args()
+  args = parse_and_join(__doc__.splitlines()[0])
 
   import jax                                                  # pylint: disable=import-outside-toplevel
 
@@ -40,10 +36,6 @@ def main() -> None:
   from psgpo_jax.sampling_config import from_pipeline_config  # pylint: disable=import-outside-toplevel
   from psgpo_jax.tokenization import load_tokenizer           # pylint: disable=import-outside-toplevel
 
-  if args.num_processes > 1:
-    multihost.initialize_distributed({
-        "distributed": True, "coordinator_address": f"localhost:{args.port}",
-        "num_processes": args.num_processes, "process_id": args.process_id})
   assert jax.process_count() == args.num_processes and jax.device_count() == 2
   mesh = sharding.make_mesh((-1, 1, 1))
   tokenizer = load_tokenizer(synthetic_corpus.build_tokenizer(tempfile.mkdtemp()))

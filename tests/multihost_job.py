@@ -27,16 +27,27 @@ LR = 1e-3     # every optimizer's learning rate (the test derives its tolerance 
 UPDATES = 4   # most Adam steps of one parameter set: 2 PPO calls x 2 minibatches (PRM: 1)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_and_join(description: str) -> argparse.Namespace:
+  """A job's command line (`--num_processes`, `--process_id`, `--port`, `--out`); with
+  several processes, joins the distributed runtime (gloo on CPU) before JAX starts."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
+  from psgpo_jax import multihost                             # pylint: disable=import-outside-toplevel
+  if args.num_processes > 1:
+    multihost.initialize_distributed({
+        "distributed": True, "coordinator_address": f"localhost:{args.port}",
+        "num_processes": args.num_processes, "process_id": args.process_id})
+  return args
+
+
+def main() -> None:
+  args = parse_and_join(__doc__.splitlines()[0])
 
   import jax                                                  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp                                     # pylint: disable=import-outside-toplevel
   import numpy as np                                          # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils                # pylint: disable=import-outside-toplevel
 
@@ -46,10 +57,6 @@ def main() -> None:
   from psgpo_jax.rl import ppo                                # pylint: disable=import-outside-toplevel
   from tests.tolerances import ADAM_EPS                       # pylint: disable=import-outside-toplevel
 
-  if args.num_processes > 1:
-    multihost.initialize_distributed({
-        "distributed": True, "coordinator_address": f"localhost:{args.port}",
-        "num_processes": args.num_processes, "process_id": args.process_id})
   assert jax.process_count() == args.num_processes and jax.device_count() == 4
   mesh = sharding.make_mesh((2, 2, 1))
 
