@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from psgpo_jax import batching, checkpointing, train_step
+from psgpo_jax import batching, checkpointing, multihost, sharding, train_step
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
 from psgpo_jax.prm.baselines import position_scores
@@ -199,7 +199,6 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   from psgpo_jax.prm.select import balance_lines  # pylint: disable=import-outside-toplevel
   start = time.time()
   if mesh is not None:
-    from psgpo_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.check_batch_rows(config.batch_size, mesh, rules, "prm.batch_size")
   os.makedirs(out_dir, exist_ok=True)
   train_rows, eval_rows = split_by_prompt(rows, config.eval_fraction, seed)
@@ -274,7 +273,7 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   if writer is not None:
     writer.write(config.steps, {k: v for k, v in result.items()
                                 if isinstance(v, (int, float))}, prefix="prm/")
-  if jax.process_index() == 0:          # every process holds the same result
+  if multihost.is_main_process():       # every process holds the same result
     if after.get("calibration"):
       plot_calibration(after["calibration"], os.path.join(out_dir, "calibration.png"),
                        title=f"PRM held-out calibration (ECE {after['ece']:.3f})")

@@ -223,6 +223,14 @@ def add_advantages(cfg: LearnerConfig, batch: Mapping[str, Array], kl_coef: Arra
 # The one step.
 
 
+def trained_modules(cfg: LearnerConfig) -> dict:
+  """The models the update trains: {'policy': CausalLM[, 'value': ScalarModel]}."""
+  modules = {"policy": CausalLM(cfg.model)}
+  if cfg.critic:
+    modules["value"] = ScalarModel(cfg.model)
+  return modules
+
+
 class Learner(NamedTuple):
   """`step(state, batch, key) -> (state, metrics)`, jitted (state donated), with the
   optimizers that built it and the state's shardings (None without a mesh)."""
@@ -258,9 +266,7 @@ def make_learner_fn(cfg: LearnerConfig, optimizers: Mapping[str, Any]) -> Callab
   reuse = cfg.old_logprobs == "sampler"
   score = make_score(cfg.model, cfg.ppo.temperature, cfg.prm_dense, cfg.prm_loss, cfg.critic,
                      with_policy=not reuse)
-  modules = {"policy": CausalLM(cfg.model)}
-  if cfg.critic:
-    modules["value"] = ScalarModel(cfg.model)
+  modules = trained_modules(cfg)
   update = ppo.make_ppo_update(modules["policy"], modules.get("value"), optimizers, cfg.ppo)
 
   def learn(state, batch, key):
@@ -297,20 +303,16 @@ def make_learner(cfg: LearnerConfig, mesh: Optional[Mesh] = None,
   the `batch` mesh axes, the forwards and the update run under the activation-sharding
   rules, and the state is donated.
   """
-  optimizers = {"policy": train_step.make_optimizer(
-      cfg.policy_lr, grad_clip=cfg.grad_clip, eps=cfg.adam_eps,
-      warmup_steps=cfg.warmup_updates)}
-  if cfg.critic:
-    optimizers["value"] = train_step.make_optimizer(
-        cfg.value_lr, grad_clip=cfg.grad_clip, eps=cfg.adam_eps,
-        warmup_steps=cfg.warmup_updates)
+  modules = trained_modules(cfg)
+  lrs = {"policy": cfg.policy_lr, "value": cfg.value_lr}
+  optimizers = {name: train_step.make_optimizer(lrs[name], grad_clip=cfg.grad_clip,
+                                                eps=cfg.adam_eps,
+                                                warmup_steps=cfg.warmup_updates)
+                for name in modules}
   learn = make_learner_fn(cfg, optimizers)
   if mesh is None:
     return Learner(train_step.make_train_step(learn), optimizers, None)
   full_rules = sharding.make_rules(rules)
-  modules = {"policy": CausalLM(cfg.model)}
-  if cfg.critic:
-    modules["value"] = ScalarModel(cfg.model)
   rep = sharding.replicated(mesh)
   shardings = {"ppo": train_step.state_shardings(modules, optimizers, mesh, full_rules),
                "ref": sharding.param_shardings(CausalLM(cfg.model), mesh, full_rules),
