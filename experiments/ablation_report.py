@@ -1,27 +1,26 @@
-"""The ablation's report: statistics over seeds, the paper's claims with their standard
-errors, the plots, and `results.md` (experiments/ablation.py calls `write_report`).
-
-Two measures per setting, both on the held-out problems:
-  * final pass@1: after the last RL step (16 samples per problem, the eval stage);
-  * learning-curve pass@1: the mean of the held-out pass@1 measured during RL (every
-    `rl.eval_every` updates, `rl.eval_samples` samples per problem), i.e. the area under
-    the learning curve per update. It says how fast a setting learns, which the final
-    figure hides once every setting has saturated.
-A claim "held" when the mean difference over seeds exceeds two standard errors (Welch).
+"""The ablation's report: the paper's claims with their standard errors, learning speed,
+pass@1 by problem difficulty, the plots, and `results.md` (experiments/ablation.py calls
+`write_report`; the statistics are experiments/ablation_stats.py's).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from experiments.ablation_stats import (CURVE_METRIC, DIFFICULTY, by_horizon, compare,
+                                        curve_over_seeds, curve_threshold, horizon_gain_slope,
+                                        learning_curve,
+                                        mean_curve, monitor_curves, pass_by_difficulty,
+                                        plateau_gain, problem_pass_counts, setting_table,
+                                        steps_to_threshold, verdict)
 
 LABELS = {"none": "no PRM", "dense": "dense reward only", "value": "value init only",
           "both": "both (PSGPO)", "oracle": "oracle dense reward",
           "no_length_norm": "both, no length normalisation",
           "min_credit": "both, min-form credit"}
-CURVE_METRIC = "curve.pass@1"
 CLAIMS = (("Dense PRM rewards help (dense > none)", "dense", "none"),
           ("PRM value initialisation helps (value > none)", "value", "none"),
           ("Both together beat dense only", "both", "dense"),
@@ -41,12 +40,23 @@ def _read_json(path: str) -> Any:
 
 
 def read_run(run_dir: str) -> Dict[str, Any]:
-  """One finished run: its eval report (before/after RL) and RL training metrics."""
+  """One finished run: its eval report (before/after RL), RL training metrics and the
+  per-problem pass counts before and after RL ({} where the samples were not kept)."""
   from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
   report = _read_json(os.path.join(run_dir, "eval", "report.json"))
   return {"report": report, "rl": _read_json(os.path.join(run_dir, "rl", "result.json")),
           "metrics": list(read_metrics(os.path.join(run_dir, "rl", "metrics.jsonl"))),
+          "problems": {label: _read_counts(os.path.join(run_dir, "eval",
+                                                        f"samples_{label}.jsonl"))
+                       for label in ("before", "after")},
           "dir": run_dir}
+
+
+def _read_counts(path: str) -> Dict[str, Dict[str, int]]:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return problem_pass_counts(json.loads(line) for line in f if line.strip())
 
 
 def collect_runs(root: str, plan: Sequence[Tuple[str, int]]) -> Dict[str, List[Dict[str, Any]]]:
@@ -55,148 +65,6 @@ def collect_runs(root: str, plan: Sequence[Tuple[str, int]]) -> Dict[str, List[D
   for setting, seed in plan:
     runs.setdefault(setting, []).append(read_run(os.path.join(root, setting, f"seed{seed}")))
   return runs
-
-
-# ------------------------------------------------------------------------- statistics
-
-
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-  """Mean and sample standard deviation (0 for one value)."""
-  v = np.asarray(values, np.float64)
-  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def learning_curve(metrics: Sequence[Mapping[str, Any]]) -> Dict[int, float]:
-  """{updates: held-out pass@1} from a run's RL metrics rows (0 = before any update)."""
-  return {int(m["eval/updates"]): float(m["eval/pass@1"]) for m in metrics
-          if isinstance(m.get("eval/pass@1"), (int, float)) and "eval/updates" in m}
-
-
-def curve_mean(curve: Mapping[int, float]) -> Optional[float]:
-  """Mean pass@1 over the evaluations after at least one update (None if there are none)."""
-  points = [v for k, v in curve.items() if k > 0]
-  return float(np.mean(points)) if points else None
-
-
-def setting_table(runs: Mapping[str, Sequence[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
-  """Per setting: held-out pass@k, greedy pass@1, the SFT starting point and (when every
-  run has one) the learning-curve mean `CURVE_METRIC`, over seeds.
-
-  Returns {setting: {"n", "<metric>": (mean, std), "per_seed": {metric: [...]}}}.
-  """
-  table = {}
-  for setting, rows in runs.items():
-    per_seed: Dict[str, List[float]] = {}
-    for run in rows:
-      for label in ("before", "after"):
-        out = run["report"][label]
-        for key, value in out["summary"]["all"].items():
-          if key.startswith("pass@"):
-            per_seed.setdefault(f"{label}.{key}", []).append(float(value))
-        per_seed.setdefault(f"{label}.greedy_pass@1", []).append(float(out["greedy_pass@1"]))
-    means = [curve_mean(learning_curve(run.get("metrics", []))) for run in rows]
-    if rows and all(m is not None for m in means):
-      per_seed[CURVE_METRIC] = means
-    table[setting] = {"n": len(rows), "per_seed": per_seed,
-                      **{k: mean_std(v) for k, v in per_seed.items()}}
-  return table
-
-
-def curve_over_seeds(rows: Sequence[Dict[str, Any]]) -> Dict[int, Tuple[float, float]]:
-  """{updates: (mean, standard error)} of the held-out pass@1 curve over a setting's seeds."""
-  per_step: Dict[int, List[float]] = {}
-  for run in rows:
-    for step, value in learning_curve(run["metrics"]).items():
-      per_step.setdefault(step, []).append(value)
-  return {s: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1
-              else 0.0) for s, v in sorted(per_step.items())}
-
-
-def mean_curve(dicts: Sequence[Mapping[Any, float]]) -> Dict[int, float]:
-  """Pointwise mean of {K: value} curves over seeds (JSON's string keys become ints)."""
-  curves = [{int(k): float(v) for k, v in d.items()} for d in dicts]
-  keys = sorted(set().union(*curves))
-  return {k: float(np.mean([c[k] for c in curves if k in c])) for k in keys}
-
-
-def per_seed_by_horizon(rows: Sequence[Dict[str, Any]], label: str = "after"
-                        ) -> Dict[int, List[Tuple[float, float]]]:
-  """{horizon: [(pass@1, binomial stderr) of each seed]}."""
-  acc: Dict[int, List[Tuple[float, float]]] = {}
-  for run in rows:
-    for r in run["report"][label]["by_horizon"]:
-      acc.setdefault(int(r["lo"]), []).append((float(r["pass@1"]), float(r["stderr"])))
-  return dict(sorted(acc.items()))
-
-
-def by_horizon(rows: Sequence[Dict[str, Any]], label: str = "after") -> Dict[int, Tuple[float, float]]:
-  """Mean over seeds of pass@1 per horizon, with the seeds' mean binomial stderr."""
-  return {h: (float(np.mean([p for p, _ in v])), float(np.mean([s for _, s in v])))
-          for h, v in per_seed_by_horizon(rows, label).items()}
-
-
-def monitor_curves(rows: Sequence[Dict[str, Any]], key: str) -> Tuple[List[int], List[float]]:
-  """A training metric averaged over seeds per step."""
-  per_step: Dict[int, List[float]] = {}
-  for run in rows:
-    for m in run["metrics"]:
-      if isinstance(m.get(key), (int, float)):
-        per_step.setdefault(int(m["step"]), []).append(float(m[key]))
-  steps = sorted(per_step)
-  return steps, [float(np.mean(per_step[s])) for s in steps]
-
-
-def _mean_and_variance(values: Sequence[float]) -> Tuple[float, float]:
-  """Mean of `values` and the variance of that mean (0 for one value)."""
-  v = np.asarray(values, np.float64)
-  return float(v.mean()), float(v.var(ddof=1) / len(v)) if len(v) > 1 else 0.0
-
-
-def compare(table: Mapping[str, Mapping[str, Any]], a: str, b: str,
-            metric: str = "after.pass@1") -> Dict[str, float]:
-  """Difference of means a - b and its standard error (Welch) over seeds."""
-  (ma, va), (mb, vb) = (_mean_and_variance(table[x]["per_seed"][metric]) for x in (a, b))
-  return {"diff": ma - mb, "se": float(np.sqrt(va + vb))}
-
-
-def verdict(diff: float, se: float) -> str:
-  """'held' when the difference is positive by more than two standard errors."""
-  if se > 0 and diff > 2 * se:
-    return "held"
-  if se > 0 and diff < -2 * se:
-    return "reversed"
-  return "not shown (within noise)" if se > 0 else ("held (one seed)" if diff > 0 else
-                                                    "not shown (one seed)")
-
-
-def horizon_gain_slope(runs: Mapping[str, Sequence[Dict[str, Any]]], a: str, b: str
-                       ) -> Tuple[Dict[int, float], float, float]:
-  """Final pass@1 gain of a over b per horizon, the least-squares slope of gain on horizon,
-  and the slope's standard error.
-
-  The gain g_h is a difference of seed means with variance var_a(h)/n_a + var_b(h)/n_b
-  (seed variances; a one-seed setting uses its binomial stderr instead). The slope is
-  sum_h w_h g_h with w_h = (h - mean h) / sum (h - mean h)^2, so its variance is
-  sum_h w_h^2 var(g_h), horizons being disjoint problem sets.
-  """
-  pa, pb = per_seed_by_horizon(runs[a]), per_seed_by_horizon(runs[b])
-  gains, variances = {}, {}
-  for h in pa:
-    if h not in pb:
-      continue
-    stats = []
-    for seeds in (pa[h], pb[h]):
-      mean, var = _mean_and_variance([p for p, _ in seeds])
-      stats.append((mean, var if len(seeds) > 1 else seeds[0][1] ** 2))
-    gains[h] = stats[0][0] - stats[1][0]
-    variances[h] = stats[0][1] + stats[1][1]
-  hs = np.asarray(sorted(gains), np.float64)
-  if len(hs) < 2:
-    return gains, 0.0, 0.0
-  w = (hs - hs.mean()) / np.sum((hs - hs.mean()) ** 2)
-  slope = float(np.sum(w * np.asarray([gains[h] for h in sorted(gains)])))
-  se = float(np.sqrt(np.sum(w ** 2 * np.asarray([variances[h] for h in sorted(gains)]))))
-  return gains, slope, se
 
 
 # ------------------------------------------------------------------------- plots
@@ -360,6 +228,72 @@ def _claim_lines(table, runs) -> List[str]:
   return out + [""]
 
 
+def _speed_lines(runs) -> List[str]:
+  """Updates to a threshold and whether each curve still rose at the end."""
+  if "none" not in runs or not all(len(learning_curve(r.get("metrics", []))) > 1
+                                   for rows in runs.values() for r in rows):
+    return []
+  threshold = curve_threshold(runs, "none")
+  speed = {s: steps_to_threshold(rows, threshold) for s, rows in runs.items()}
+  out = ["## How fast each setting learns, and whether it plateaued\n",
+         f"Updates until held-out pass@1 first reached {threshold:.3f} (the SFT policy's "
+         "pass@1 plus 80% of the no-PRM setting's gain at its last evaluation; a seed that "
+         "never reached it counts with its last evaluation's updates, so its mean is a lower "
+         "bound), and how much the curve still rose at the end (mean pass@1 over the last "
+         "third of the evaluations minus the middle third; 'plateaued' when not above two "
+         "standard errors):\n",
+         "| setting | updates to threshold | seeds that reached it | fewer updates than no PRM "
+         "± se | verdict | rise over the last third ± se | curve |",
+         "|---|---|---|---|---|---|---|"]
+  for setting, rows in runs.items():
+    mean, se, reached = speed[setting]
+    base_mean, base_se, _ = speed["none"]
+    diff, diff_se = base_mean - mean, float(np.hypot(se, base_se))
+    rise, rise_se = plateau_gain(rows)
+    state = "still rising" if verdict(rise, rise_se) == "held" else "plateaued"
+    cells = ["-", "-"] if setting == "none" else [f"{diff:+.1f} ± {diff_se:.1f}",
+                                                  verdict(diff, diff_se)]
+    out.append(f"| {LABELS[setting]} | {mean:.1f} ± {se:.1f} | {reached} of {len(rows)} | "
+               + " | ".join(cells) + f" | {rise:+.3f} ± {rise_se:.3f} | {state} |")
+  return out + [""]
+
+
+def _difficulty_lines(runs) -> List[str]:
+  """pass@1 after RL on the problems of each SFT difficulty class, per setting."""
+  sft = next((r["problems"]["before"] for rows in runs.values() for r in rows
+              if r.get("problems", {}).get("before")), None)
+  if not sft:
+    return []
+  n = next(iter(sft.values()))["samples"]
+  classes = {s: pass_by_difficulty(sft, [r["problems"]["after"] for r in rows])
+             for s, rows in runs.items()}
+  names = {"never": "never (0)", "rare": f"rare (1-{n // 8})",
+           "some": f"some ({n // 8 + 1}-{n // 2})", "most": f"most ({n // 2 + 1}-{n - 1})",
+           "always": f"always ({n})"}
+  first = next(iter(classes.values()))
+  hard = sum(first[c]["share"] for c in ("never", "rare") if c in first)
+  out = ["## Where RL gains: pass@1 by the SFT policy's difficulty of each problem\n",
+         f"Each held-out problem is classed by how many of the SFT policy's {n} samples "
+         f"passed. {hard:.0%} of the problems are 'never' or 'rare' (pass rate about 0, "
+         "and for 'rare' pass@16 > 0: RL has a signal to find there). Cells: pass@1 on the "
+         "class's problems after RL, mean ± se over seeds.\n",
+         "| SFT passes (of %d) | problems | mean horizon | SFT pass@1 | " % n
+         + " | ".join(LABELS[s] for s in classes) + " |",
+         "|" + "---|" * (4 + len(classes))]
+  for name in DIFFICULTY:
+    if name not in first:
+      continue
+    row = first[name]
+    cells = []
+    for setting in classes:
+      seeds = classes[setting][name]["per_seed"]
+      se = np.std(seeds, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
+      cells.append(f"{np.mean(seeds):.3f} ± {se:.3f}" if seeds else "-")
+    out.append(f"| {names[name]} | {row['problems']} | {row['horizon']:.1f} | "
+               f"{row['sft']:.3f} | " + " | ".join(cells) + " |")
+  return out + [""]
+
+
 def _prm_lines(collect, prm, agreement) -> List[str]:
   out = ["## PRM quality and labels\n",
          f"- PRM on held-out labeled responses: AUROC {prm.get('auroc', float('nan')):.3f} "
@@ -416,6 +350,8 @@ def write_report(root: str, runs: Mapping[str, Sequence[Dict[str, Any]]], out_di
   lines += _setup_lines(base_config, sft, collect, prm, runs)
   lines += _setting_lines(table, runs)
   lines += _claim_lines(table, runs)
+  lines += _speed_lines(runs)
+  lines += _difficulty_lines(runs)
   lines += ["## Plots\n"] + [f"![{name}]({os.path.basename(p)})\n" for name, p in plots.items()]
   lines += _prm_lines(collect, prm, agreement)
   lines += _monitor_lines(runs)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from experiments import ablation, ablation_report
+from experiments import ablation, ablation_stats
 
 
 def test_run_plan_is_every_arm_times_seed_then_variants_once():
@@ -33,15 +33,15 @@ def _run(pass_at_1):
 
 
 def test_comparison_uses_welch_standard_error_and_two_sigma_verdicts():
-  table = ablation_report.setting_table({"a": [_run(0.5), _run(0.6), _run(0.7)],
+  table = ablation_stats.setting_table({"a": [_run(0.5), _run(0.6), _run(0.7)],
                                   "b": [_run(0.1), _run(0.2), _run(0.3)]})
   assert table["a"]["after.pass@1"] == pytest.approx((0.6, 0.1))
-  c = ablation_report.compare(table, "a", "b")
+  c = ablation_stats.compare(table, "a", "b")
   assert c["diff"] == pytest.approx(0.4)
   assert c["se"] == pytest.approx((0.01 / 3 + 0.01 / 3) ** 0.5)
-  assert ablation_report.verdict(c["diff"], c["se"]) == "held"
-  assert ablation_report.verdict(-c["diff"], c["se"]) == "reversed"
-  assert ablation_report.verdict(0.01, 0.1) == "not shown (within noise)"
+  assert ablation_stats.verdict(c["diff"], c["se"]) == "held"
+  assert ablation_stats.verdict(-c["diff"], c["se"]) == "reversed"
+  assert ablation_stats.verdict(0.01, 0.1) == "not shown (within noise)"
 
 
 def _curve_run(points, by_horizon=()):
@@ -56,14 +56,14 @@ def _curve_run(points, by_horizon=()):
 def test_learning_curve_mean_skips_the_initial_evaluation_and_enters_the_claims():
   a = [_curve_run({0: 0.1, 10: 0.5, 20: 0.7}), _curve_run({0: 0.1, 10: 0.3, 20: 0.5})]
   b = [_curve_run({0: 0.1, 10: 0.2, 20: 0.4}), _curve_run({0: 0.1, 10: 0.2, 20: 0.2})]
-  table = ablation_report.setting_table({"a": a, "b": b})
+  table = ablation_stats.setting_table({"a": a, "b": b})
   assert table["a"]["per_seed"]["curve.pass@1"] == pytest.approx([0.6, 0.4])
   assert table["b"]["curve.pass@1"][0] == pytest.approx(0.25)
-  c = ablation_report.compare(table, "a", "b", "curve.pass@1")
+  c = ablation_stats.compare(table, "a", "b", "curve.pass@1")
   assert c["diff"] == pytest.approx(0.25)
-  assert ablation_report.curve_over_seeds(a)[10] == pytest.approx((0.4, 0.1))
+  assert ablation_stats.curve_over_seeds(a)[10] == pytest.approx((0.4, 0.1))
   # A run without evaluations during RL has no curve: the metric is left out, not faked.
-  assert "curve.pass@1" not in ablation_report.setting_table({"c": [_run(0.5)]})["c"]["per_seed"]
+  assert "curve.pass@1" not in ablation_stats.setting_table({"c": [_run(0.5)]})["c"]["per_seed"]
 
 
 def test_horizon_slope_is_least_squares_with_the_seed_variance_of_each_gain():
@@ -72,9 +72,52 @@ def test_horizon_slope_is_least_squares_with_the_seed_variance_of_each_gain():
        _curve_run({1: 0.0}, [(2, 0.50, 0.1), (3, 0.80, 0.1), (4, 0.65, 0.1)])]
   b = [_curve_run({1: 0.0}, [(2, 0.50, 0.1), (3, 0.60, 0.1), (4, 0.50, 0.1)]),
        _curve_run({1: 0.0}, [(2, 0.50, 0.1), (3, 0.60, 0.1), (4, 0.50, 0.1)])]
-  gains, slope, se = ablation_report.horizon_gain_slope({"a": a, "b": b}, "a", "b")
+  gains, slope, se = ablation_stats.horizon_gain_slope({"a": a, "b": b}, "a", "b")
   assert gains == pytest.approx({2: 0.0, 3: 0.1, 4: 0.2})
   assert slope == pytest.approx(np.polyfit([2, 3, 4], [0.0, 0.1, 0.2], 1)[0])
   # Weights (-1/2, 0, 1/2); var(g_4) = var of the mean of (0.75, 0.65) = 0.005 / 2, var(g_2) = 0.
   assert se == pytest.approx(np.sqrt(0.25 * 0.0025))
-  assert ablation_report.verdict(slope, se) == "held"
+  assert ablation_stats.verdict(slope, se) == "held"
+
+
+def test_steps_to_threshold_counts_updates_and_bounds_seeds_that_never_reach_it():
+  fast = _curve_run({0: 0.2, 10: 0.6, 20: 0.8, 30: 0.8})
+  slow = _curve_run({0: 0.2, 10: 0.3, 20: 0.5, 30: 0.7})
+  never = _curve_run({0: 0.2, 10: 0.3, 20: 0.4, 30: 0.5})
+  assert ablation_stats.first_reaching({0: 0.9, 10: 0.5, 20: 0.7}, 0.7) == 20  # 0 updates skipped
+  assert ablation_stats.first_reaching({0: 0.2, 10: 0.5}, 0.7) is None
+  mean, se, reached = ablation_stats.steps_to_threshold([fast, slow, never], 0.7)
+  assert (mean, reached) == (pytest.approx((20 + 30 + 30) / 3), 2)
+  assert se == pytest.approx(np.std([20, 30, 30], ddof=1) / np.sqrt(3))
+  # SFT 0.2 (every run's curve at 0), reference's last point 0.8 / 0.7: 0.2 + 0.5 * 0.55.
+  runs = {"none": [fast, slow], "other": [never]}
+  assert ablation_stats.curve_threshold(runs, "none", 0.5) == pytest.approx(0.2 + 0.5 * 0.55)
+
+
+def test_plateau_gain_is_the_last_third_minus_the_middle_third_over_seeds():
+  rising = _curve_run({0: 0.0, 10: 0.1, 20: 0.2, 30: 0.3, 40: 0.4, 50: 0.5, 60: 0.6})
+  flat = _curve_run({0: 0.0, 10: 0.5, 20: 0.6, 30: 0.7, 40: 0.7, 50: 0.7, 60: 0.7})
+  gain, se = ablation_stats.plateau_gain([rising, rising])
+  assert (gain, se) == (pytest.approx(0.2), pytest.approx(0.0))
+  gain, se = ablation_stats.plateau_gain([flat, rising])
+  assert gain == pytest.approx(0.1) and se == pytest.approx(0.1)
+
+
+def test_problems_are_classed_by_the_sft_pass_count_and_scored_per_class():
+  rows = ([{"task_id": "a", "passed": False, "horizon": 9}] * 16
+          + [{"task_id": "b", "passed": i < 2, "horizon": 7} for i in range(16)]
+          + [{"task_id": "c", "passed": i < 3, "horizon": 5} for i in range(16)]
+          + [{"task_id": "d", "passed": True, "horizon": 2}] * 16)
+  sft = ablation_stats.problem_pass_counts(rows)
+  assert sft["b"] == {"passed": 2, "samples": 16, "horizon": 7}
+  assert [ablation_stats.difficulty(sft[t]["passed"], 16) for t in "abcd"] == [
+      "never", "rare", "some", "always"]
+  assert ablation_stats.difficulty(9, 16) == "most" and ablation_stats.difficulty(8, 16) == "some"
+  after = {t: {"passed": p, "samples": 16, "horizon": 0}
+           for t, p in {"a": 4, "b": 8, "c": 16, "d": 16}.items()}
+  classes = ablation_stats.pass_by_difficulty(sft, [after, sft])
+  assert set(classes) == {"never", "rare", "some", "always"}             # no "most" problem
+  assert classes["rare"]["problems"] == 1 and classes["rare"]["share"] == 0.25
+  assert classes["rare"]["sft"] == pytest.approx(2 / 16)
+  assert classes["never"]["per_seed"] == pytest.approx([4 / 16, 0.0])
+  assert classes["never"]["horizon"] == 9.0

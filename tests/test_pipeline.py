@@ -229,6 +229,7 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
   for row in ("| no PRM | 1 |", "| both (PSGPO) | 1 |", "| both, min-form credit | 1 |"):
     assert row in report, row
   assert "Both together beat no PRM" in report
+  assert "| SFT passes (of " in report          # pass@1 by the SFT policy's difficulty
   for png in ("learning_curves.png", "best_of_k.png", "pass_by_horizon.png",
               "training_monitors.png"):
     assert (docs / png).stat().st_size > 1000, png
