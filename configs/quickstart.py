@@ -56,6 +56,7 @@ def get_config(variant: str = ""):
     c.collect.batch_responses = 8    # two label shards: a crash between them is tested
     c.collect.selection = "all"
     c.prm.steps = 5
+    c.prm.checkpoint_every = 2       # a crash mid-PRM resumes from step 2 or 4 (tested)
     c.prm.batch_size = 4
     c.rl.steps = 2
     c.rl.prompts_per_step = 4

@@ -16,6 +16,8 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 import numpy as np
 
+from psgpo_jax.jsonio import json_line, write_text
+
 ArrayLike = Union[np.ndarray, Sequence[float], Sequence[int]]
 
 
@@ -230,12 +232,11 @@ def write_samples_jsonl(path: str, samples: Iterable[Mapping[str, Any]]) -> str:
   `evaluate_functional_correctness` reads task_id and completion and re-scores them.
   """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for s in samples:
-      if "task_id" not in s or "completion" not in s:
-        raise ValueError("each sample needs 'task_id' and 'completion'.")
-      f.write(json.dumps(dict(s), ensure_ascii=False) + "\n")
-  return path
+  samples = list(samples)
+  for s in samples:
+    if "task_id" not in s or "completion" not in s:
+      raise ValueError("each sample needs 'task_id' and 'completion'.")
+  return write_text(path, "".join(json_line(dict(s)) for s in samples))
 
 
 def read_samples_jsonl(path: str) -> List[Dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Named crash points, for the tests that kill a run at a chosen moment and resume it.
 
-The stage loops call `reached(point)` where a crash is worth testing: after an SFT step
-(`"sft:<steps done>"`, once pending checkpoint writes are done), after a label shard is
+The stage loops call `reached(point)` where a crash is worth testing: after an SFT or PRM
+step (`"sft:<steps done>"`, `"prm:<steps done>"`, once pending checkpoint writes are
+done), after a label shard is
 written (`"collect:<batch>"`), and right after a checkpoint save has started, while it may
 still be in flight (`"save:<stage dir>:<step>"`, e.g. `"save:rl:2"`). With the environment variable
 `PSGPO_JAX_KILL_AT` set to a point's name, the process sends itself SIGKILL there: no

@@ -1,8 +1,8 @@
 """THE way run files are written as JSON: atomically, and strict (no NaN / Infinity).
 
 `json.dump` writes NaN and Infinity as bare words that strict JSON readers reject; every
-result, summary, stats and report file of a run goes through `write_json`, which writes
-them as null and replaces the file atomically (temporary file + rename), so a crash never
+result, summary, stats and report file of a run goes through `write_json` (and every
+JSONL row, label shards and eval samples, through `json_line`), which writes them as null and replaces the file atomically (temporary file + rename), so a crash never
 leaves half a file.
 """
 from __future__ import annotations
@@ -34,6 +34,13 @@ def write_text(path: str, text: str) -> str:
     os.fsync(f.fileno())
   os.replace(tmp, path)
   return path
+
+
+def json_line(value: Any, sort_keys: bool = False) -> str:
+  """One JSONL row of `value`: strict JSON (non-finite floats as null) on one line, with
+  its newline; non-ASCII text is kept as is."""
+  return json.dumps(strict(value), sort_keys=sort_keys, ensure_ascii=False,
+                    allow_nan=False) + "\n"
 
 
 def write_json(path: str, value: Any, sort_keys: bool = False) -> str:

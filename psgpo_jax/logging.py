@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -34,25 +35,33 @@ class MetricWriter:
   Only process 0 writes; other processes get a writer that does nothing.
 
   A run that resumes passes `keep_before`, the first step it will redo: rows of earlier
-  steps are kept, later ones (logged after the checkpoint the run resumes from) and a
-  torn last line (a crash mid-write) are dropped, so that no step appears twice. Stages
-  that restart from scratch pass 0 (SFT, PRM) and the file starts empty; None appends.
+  steps are kept, later ones (logged after the checkpoint the run resumes from) are
+  dropped, so that no step appears twice (SFT and PRM pass their checkpoint's step, RL
+  its checkpoint's, 0 starts the file empty). None keeps every row, for loops that skip
+  finished work by other means (collect's label shards) and ask `has` what was logged.
+  A torn last line (a crash mid-write) is always dropped.
   """
 
   def __init__(self, logdir: str, tensorboard: bool = True, keep_before: Optional[int] = None):
     self.logdir = logdir
     self.active = _is_main_process()
+    self._logged: set = set()
     self._tb = None
     self._jsonl = None
     if self.active:
       os.makedirs(logdir, exist_ok=True)
       path = os.path.join(logdir, "metrics.jsonl")
-      if keep_before is not None:
-        truncate_metrics(path, keep_before)
+      truncate_metrics(path, sys.maxsize if keep_before is None else keep_before)
+      self._logged = {(int(row["step"]), key) for row in read_metrics(path) for key in row
+                      } if os.path.exists(path) else set()
       self._jsonl = open(path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(logdir)
+
+  def has(self, step: int, key: str) -> bool:
+    """Whether a row of `step` with metric `key` (prefix included) is in the file."""
+    return (int(step), key) in self._logged
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
     """Logs every scalar of `metrics` at `step` (non-scalars are skipped)."""
@@ -68,6 +77,7 @@ class MetricWriter:
       if self._tb is not None:
         self._tb.add_scalar(name, value, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
+    self._logged.update((row["step"], key) for key in row)
     self._jsonl.flush()
 
   def close(self) -> None:

@@ -240,7 +240,8 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
           params, ctx.model_cfg, ctx.tokenizer, part, config, part_dir,
           jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
           writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else (),
-          mesh=multihost.sampling_mesh(ctx.mesh))
+          mesh=multihost.sampling_mesh(ctx.mesh),
+          metrics_prefix="collect/" if len(policies) == 1 else f"collect/policy_{i}/")
   rows = run_labels(ctx)
   counts = label_counts(rows)
   result = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}

@@ -23,13 +23,18 @@ The output is deterministic for a given torch/transformers version (fixed seeds)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import shutil
 
-import numpy as np
-import torch
-import transformers
+if __name__ == "__main__":       # --help answers before torch (not our dependency) loads
+  argparse.ArgumentParser(description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+import transformers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity"
 VOCAB = 128

@@ -150,3 +150,19 @@ def test_help_prints_the_usage_and_every_field():
   assert out.returncode == 0, out.stderr
   assert "python -m experiments.train --config configs/quickstart.py" in out.stdout
   assert "rl.policy_lr = " in out.stdout and "sft.schedule = 'wsd'" in out.stdout
+
+
+def test_mesh_rules_given_on_the_command_line_shard_the_params_as_they_say():
+  """`--config.mesh.rules` reaches the sharding: replicating the embed and vocab axes on an
+  8-way fsdp mesh makes the policy's params per device 8x those of the default rules."""
+  def policy_bytes(*extra):
+    out = subprocess.run([sys.executable, "-m", "experiments.plan_memory", "--config",
+                          "configs/quickstart.py", "--num_devices=8", "--device_gb=16",
+                          "--config.mesh.shape=(1,8,1)", *extra], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (line,) = [l for l in out.stdout.splitlines() if l.startswith("params/policy")]
+    number, unit = line.split()[1:3]
+    return float(number) * {"KiB": 2 ** 10, "MiB": 2 ** 20}[unit]
+  sharded, replicated = policy_bytes(), policy_bytes("--config.mesh.rules=embed:,vocab:")
+  assert replicated / sharded == pytest.approx(8, rel=0.01)

@@ -339,3 +339,22 @@ def test_data_source_tfds_loads_a_prepared_set_like_the_source_it_was_written_fr
             f"--config.data.train_path={data_dir}", "--config.data.tfds_name=tiny_set")
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   assert os.path.exists(tmp_path / "run" / "sft" / "result.json")
+
+
+def test_prompts_longer_than_max_prompt_tokens_are_dropped_and_counted(tmp_path, capsys):
+  from configs import quickstart
+  from psgpo_jax import run_setup
+  from psgpo_jax.data import synthetic_corpus
+  from psgpo_jax.rollout import encode
+  from psgpo_jax.tokenization import load_tokenizer
+  tokenizer = load_tokenizer(synthetic_corpus.build_tokenizer(str(tmp_path)))
+  config = quickstart.get_config("tiny")
+  every = run_setup.load_run_problems(config, tokenizer)["train"]
+  lengths = sorted(len(encode(tokenizer, p.prompt)) for p in every)
+  config.data.max_prompt_tokens = lengths[len(lengths) // 2]
+  kept = run_setup.load_run_problems(config, tokenizer)["train"]
+  assert 0 < len(kept) < len(every)
+  assert len(kept) == sum(n <= config.data.max_prompt_tokens for n in lengths)
+  assert all(len(encode(tokenizer, p.prompt)) <= config.data.max_prompt_tokens for p in kept)
+  said = capsys.readouterr().out
+  assert f"train: dropped {len(every) - len(kept)} of {len(every)} problems" in said

@@ -34,3 +34,15 @@ def test_a_writer_without_keep_before_appends(tmp_path):
   with MetricWriter(str(tmp_path), tensorboard=False) as writer:
     writer.write(1, {"loss": 1.0})
   assert [r["step"] for r in read_metrics(os.path.join(tmp_path, "metrics.jsonl"))] == [0, 1, 1]
+
+
+def test_a_writer_without_keep_before_drops_a_torn_line_and_knows_what_was_logged(tmp_path):
+  """Collect's writer keeps every row (its shards say what is done) but must not glue a
+  new row onto a torn one, and `has` tells a resumed loop which rows exist."""
+  _write_rows(str(tmp_path / "metrics.jsonl"), [0, 1])          # ... and a torn tail
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    assert writer.has(1, "loss") and not writer.has(2, "loss") and not writer.has(1, "acc")
+    writer.write(2, {"acc": 0.5}, prefix="x/")
+    assert writer.has(2, "x/acc")
+  rows = list(read_metrics(os.path.join(tmp_path, "metrics.jsonl")))   # all parse
+  assert [r["step"] for r in rows] == [0, 1, 2]

@@ -61,3 +61,26 @@ def test_notebook_runs_the_tiny_pipeline_and_plots(tmp_path, subprocess_env):
   for label in ("before", "after"):
     assert 0.0 <= summary["eval"][f"{label}.pass@1"] <= 1.0
   assert (run_dir / "rl_curves.png").stat().st_size > 1000
+
+
+def test_the_install_cell_installs_from_a_git_url_where_psgpo_jax_is_missing(tmp_path):
+  """Cell 0 in a fresh virtualenv (no psgpo_jax): pip installs the repository from the git
+  URL in PSGPO_REPO_URL (here a file:// URL of a clone), and psgpo_jax, configs and
+  experiments then import from the installed copy."""
+  clone = tmp_path / "repo"
+  subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  cells_file = tmp_path / "cells.json"
+  cells_file.write_text(json.dumps(code_cells()[:1]))
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  env.update(PSGPO_REPO_URL=f"file://{clone}", PSGPO_PIP_ARGS="--no-deps")  # deps: not here
+  out = subprocess.run([python, "-c", RUNNER, str(cells_file)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert f"installed psgpo_jax from file://{clone}" in out.stdout
+  where = subprocess.run([python, "-c", "import configs, experiments, psgpo_jax; "
+                          "print(psgpo_jax.__file__)"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+  assert where.startswith(str(venv)), where

@@ -3,6 +3,7 @@ and plots, and a re-run continues instead of starting over."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,9 +142,10 @@ def _sft_policy(workdir):
 
 
 def _without_clock(row):
-  """A metrics or label row minus what depends on the wall clock."""
+  """A metrics or label row minus what depends on the wall clock or on how the work was
+  split between launches (`batches_run_now`: the label batches this launch ran)."""
   return {k: v for k, v in row.items()
-          if not any(w in k for w in ("time", "seconds", "per_s", "tok_s"))}
+          if not any(w in k for w in ("time", "seconds", "per_s", "tok_s", "run_now"))}
 
 
 def _jsonl_rows(pattern):
@@ -153,18 +155,23 @@ def _jsonl_rows(pattern):
   return rows
 
 
-# (crash point, the stage it interrupts, what the next launch must say): mid-SFT after
-# the checkpoint of step 10, between the two label shards, and in the RL save of step 2.
-KILLS = (("sft:15", "sft", "[sft] resumed from the checkpoint of step 10"),
-         ("collect:0", "collect", "[collect] running"),
-         ("save:rl:2", "rl", "[rl] resumed from the checkpoint of step"))
+# (crash point, the stage it interrupts, what a later launch must say): mid-SFT after
+# the checkpoint of step 10, between the two label shards (after the first one's file,
+# before its metrics row), mid-PRM after the checkpoint of step 2, and while RL's
+# checkpoint of step 1 is being written (the resume starts from it or, if the write did
+# not finish, from the start: either way step 2 is redone).
+KILLS = (("sft:15", "sft", r"\[sft\] resumed from the checkpoint of step 10"),
+         ("collect:0", "collect", r"\[collect\] running"),
+         ("prm:3", "prm", r"\[prm\] resumed from the checkpoint of step 2"),
+         ("save:rl:1", "rl", r"\[rl\] (resumed from the checkpoint of step 1|running)"))
 
 
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_run, tmp_path):
-  """SIGKILL mid-SFT, mid-collect and while an RL checkpoint is being written (each
-  launch is killed at one of `KILLS`); the last launch finishes, and every stage's output
-  equals the uninterrupted tiny run's: SFT policy, label shards, PRM metrics, each RL
-  step logged once with the same values, the eval report."""
+  """SIGKILL mid-SFT, mid-collect, mid-PRM and while an RL checkpoint is being written
+  (each launch is killed at one of `KILLS`); the last launch finishes, and every stage's
+  output equals the uninterrupted tiny run's: SFT policy, label shards, PRM metrics,
+  every stage's metrics.jsonl with each step logged once and the same values, the eval
+  report."""
   from psgpo_jax import faults  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "killed")
   command = [sys.executable, "-m", "experiments.train", "--config",
@@ -182,8 +189,8 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_run, tmp
                        timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   said += out.stdout
-  for _, _, message in KILLS:
-    assert message in said
+  for point, _, message in KILLS:
+    assert re.search(message, said), (point, message)
 
   whole = tiny_run[0]
   ref, resumed = _sft_policy(whole), _sft_policy(workdir)
@@ -197,12 +204,17 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_run, tmp
     assert (_without_clock(json.load(open(os.path.join(workdir, stage, "result.json"))))
             == pytest.approx(_without_clock(json.load(open(os.path.join(whole, stage,
                                                                           "result.json"))))))
-  rl_rows = _jsonl_rows(os.path.join(workdir, "rl", "metrics.jsonl"))
-  assert [r["step"] for r in rl_rows] == sorted({r["step"] for r in rl_rows})   # once each
-  ref_rows = _jsonl_rows(os.path.join(whole, "rl", "metrics.jsonl"))
-  assert len(rl_rows) == len(ref_rows)
-  for row, ref in zip(rl_rows, ref_rows):
-    assert row == pytest.approx(ref), f"RL step {ref['step']}"
+  for stage in ("sft", "collect", "prm", "rl"):
+    rows = _jsonl_rows(os.path.join(workdir, stage, "metrics.jsonl"))
+    ref_rows = _jsonl_rows(os.path.join(whole, stage, "metrics.jsonl"))
+    assert [sorted(r) for r in rows] == [sorted(r) for r in ref_rows], stage   # once each
+    for row, ref in zip(rows, ref_rows):
+      where = f"{stage} step {ref['step']}"
+      numbers = {k for k, v in ref.items() if isinstance(v, (int, float))}
+      assert {k: row[k] for k in numbers} == pytest.approx(
+          {k: ref[k] for k in numbers}, rel=1e-5, abs=1e-6), where
+      assert {k: row[k] for k in ref if k not in numbers} == {
+          k: ref[k] for k in ref if k not in numbers}, where       # e.g. "nan" as text
 
 
 @pytest.mark.slow

@@ -12,14 +12,14 @@ import pytest
 
 from psgpo_jax import batching
 from psgpo_jax.data import synthetic, synthetic_corpus
-from psgpo_jax.lines import is_trivial_line, split_lines
+from psgpo_jax.lines import split_lines
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.prm import batches as prm_batches
 from psgpo_jax.prm import metrics as prm_metrics_lib
 from psgpo_jax.prm import scoring as prm_scoring
-from psgpo_jax.prm.search import label_lines
 from psgpo_jax.prm import train as prm
 from psgpo_jax.tokenization import line_spans, load_tokenizer
+from oracle_rows import oracle_rows
 from tolerances import ADAM_EPS, adam_param_atol
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -30,20 +30,6 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 def tokenizer(tmp_path_factory):
   path = synthetic_corpus.build_tokenizer(str(tmp_path_factory.mktemp("tok")), vocab_size=512)
   return load_tokenizer(path)
-
-
-def _oracle_rows(problems, per_problem, seed=0):
-  """Rows labelled from the synthetic oracle: the reference line k replaced by a wrong one."""
-  rng = np.random.default_rng(seed)
-  rows = []
-  for p in problems:
-    for _ in range(per_problem):
-      response, first = synthetic_corpus.corrupt_response(p, rng)
-      trivial = [is_trivial_line(l) for l in split_lines(response)]
-      rows.append({"problem_id": p.id, "prompt": p.prompt, "response": response,
-                   "line_labels": label_lines(trivial, first),
-                   "oracle_first_bad": first})
-  return rows
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -128,7 +114,7 @@ def test_prm_objective_uses_only_masked_line_ends():
 
 def test_batches_put_labels_on_the_newline_tokens(tokenizer):
   problems = synthetic.make_split(0, 4, range(3, 6))
-  rows = _oracle_rows(problems, 1)
+  rows = oracle_rows(problems, 1)
   rows[0]["line_used"] = [1] + [0] * (len(rows[0]["line_labels"]) - 1)
   batches = prm_batches.make_prm_batches(rows, tokenizer, max_len=256, batch_size=3,
                                  pad_id=tokenizer.pad_token_id)
@@ -165,7 +151,7 @@ def test_lines_sharing_an_end_token_take_the_code_lines_label():
 
 
 def test_row_line_ends_match_tokenization_line_spans(tokenizer):
-  rows = _oracle_rows(synthetic.make_split(1, 3, range(4, 7)), 1)
+  rows = oracle_rows(synthetic.make_split(1, 3, range(4, 7)), 1)
   for row in rows:
     prompt_ids = prm_batches.encode(tokenizer, row["prompt"])
     response_ids = prm_batches.encode(tokenizer, row["response"])
@@ -219,7 +205,7 @@ def test_init_copies_the_policy_backbone():
 
 def test_train_prm_learns_oracle_labels_on_the_synthetic_suite(tokenizer, tmp_path):
   problems = synthetic.make_split(0, 48, range(3, 9))
-  rows = _oracle_rows(problems, 2)
+  rows = oracle_rows(problems, 2)
   cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
   policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
   config = prm.PRMTrainConfig(steps=60, batch_size=8, learning_rate=2e-3, max_len=256,
@@ -228,11 +214,13 @@ def test_train_prm_learns_oracle_labels_on_the_synthetic_suite(tokenizer, tmp_pa
                                   pad_id=tokenizer.pad_token_id, show_progress=False)
   assert metrics["eval_rows"] > 0 and metrics["train_rows"] > 0
   assert metrics["train/nonfinite"] == 0.0
-  # Learned, on prompts never trained on: clearly better than chance and than at init.
-  assert metrics["auroc"] > 0.7, metrics
+  # Learned, on prompts never trained on: better than at init and than the trivial
+  # predictor (each line scored by the mean label of its position on the training rows),
+  # which alone beats fixed thresholds such as AUROC 0.7 on this suite.
   assert metrics["auroc"] > metrics["init/auroc"] + 0.1, metrics
-  assert metrics["auroc"] > metrics["position/auroc"], metrics   # more than line position
-  assert metrics["line_accuracy"] > 0.7, metrics
+  assert metrics["auroc"] > metrics["position/auroc"], metrics
+  assert metrics["line_accuracy"] > metrics["position/line_accuracy"], metrics
+  assert metrics["first_error_accuracy"] > metrics["position/first_error_accuracy"], metrics
   written = json.load(open(tmp_path / "metrics.json"))
   assert written["auroc"] == pytest.approx(metrics["auroc"])
   assert len(written["calibration"]) == 10
@@ -242,7 +230,7 @@ def test_train_prm_learns_oracle_labels_on_the_synthetic_suite(tokenizer, tmp_pa
 
 def test_train_prm_on_a_mesh_matches_single_device(tokenizer, tmp_path):
   from psgpo_jax import sharding
-  rows = _oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
+  rows = oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
   cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
   policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
   lr = 1e-3
@@ -291,7 +279,7 @@ def test_train_prm_resumes_from_its_checkpoint_to_the_same_params(tokenizer, tmp
                                                                   capsys):
   """A run that finds a checkpoint (step 3 of 6) continues from it, with the batches and
   step keys of the uninterrupted run, and ends with its params."""
-  rows = _oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
+  rows = oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
   cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
   policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
   config = prm.PRMTrainConfig(steps=6, batch_size=4, learning_rate=1e-3, max_len=128,
@@ -312,7 +300,7 @@ def test_response_score_is_the_lowest_line_score(tokenizer):
   """`scoring.response_scores` (one PRM score per sampled response, for Best-of-K by the
   PRM's pick) = the minimum of the held-out metrics' per-line scores, computed through
   the PRM example batches instead; a response without lines scores -1."""
-  rows = _oracle_rows(synthetic.make_split(3, 6, range(2, 6)), 1)
+  rows = oracle_rows(synthetic.make_split(3, 6, range(2, 6)), 1)
   cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
   params = init_params(ScalarModel(cfg), jax.random.PRNGKey(4))
   prompts = [prm_batches.encode(tokenizer, r["prompt"]) for r in rows]

@@ -93,3 +93,15 @@ def test_length_grouped_batches_cover_each_pair_once_per_epoch_and_pad_less():
   # Batches of one group come out in a shuffled order, not sorted by length.
   widths = [b["tokens"].shape[1] for b in epoch]
   assert widths != sorted(widths)
+
+
+def test_sft_logs_every_log_every_steps_and_the_last(tmp_path):
+  """logging.every_steps thins the SFT rows (the stage passes it as log_every)."""
+  from psgpo_jax.logging import MetricWriter, read_metrics
+  pairs = [([1, a], [a + 1, 0]) for a in range(2, 10)]
+  params = init_params(CausalLM(CFG), jax.random.PRNGKey(0))
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    train_sft(params, CFG, pairs, steps=10, batch_size=4, learning_rate=1e-3, pad_id=0,
+              writer=writer, log_every=4, show_progress=False)
+  rows = list(read_metrics(str(tmp_path / "metrics.jsonl")))
+  assert [r["step"] for r in rows] == [0, 4, 8, 9] and "sft/loss" in rows[0]

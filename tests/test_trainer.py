@@ -11,11 +11,12 @@ from jax.sharding import PartitionSpec as P
 from experiments.common import load_config
 from psgpo_jax import pipeline, sharding, stages
 from psgpo_jax.models import CausalLM, ScalarModel, logical_axes
-from psgpo_jax.rl import value_init
+from psgpo_jax.prm import train as prm_train
 from psgpo_jax.rl import trainer as trainer_lib
 from psgpo_jax.rl.batch import rollout_batch
 from psgpo_jax.rollout import Rollouts
 from psgpo_jax.sandbox import Result
+from oracle_rows import oracle_rows
 from tolerances import ADAM_EPS, adam_param_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,12 +80,56 @@ def test_rollout_batch_marks_line_ends_on_newline_tokens(ctx):
   assert np.count_nonzero(batch["prm_scores"][0]) == np.count_nonzero(want)
 
 
-def _trainer(ctx, workdir, steps, value_params_nan=False, mesh=None, config=None,
+@pytest.fixture(scope="module")
+def trained_prm(ctx, tmp_path_factory):
+  """(params, held-out metrics) of a PRM trained on the oracle's labels of corrupted
+  training references: the PRM every trainer test here runs with, so that its dense
+  rewards and value initialisation carry a learned signal, not a random head's."""
+  config = prm_train.PRMTrainConfig(steps=60, batch_size=8, learning_rate=2e-3, max_len=256,
+                                    eval_fraction=0.25, warmup_steps=5)
+  return prm_train.train_prm(stages.initial_policy(ctx), ctx.model_cfg, ctx.tokenizer,
+                             oracle_rows(ctx.problems["train"], 3), config,
+                             str(tmp_path_factory.mktemp("prm")),
+                             pad_id=ctx.tokenizer.pad_token_id, show_progress=False)
+
+
+def test_the_trainer_reads_the_trained_prm_at_line_ends_as_prm_evaluation_does(ctx,
+                                                                               trained_prm):
+  """The PRM the trainer tests run with learned the oracle's labels (held out: better than
+  line position and than its untrained self), and the trainer's scorer reads it exactly
+  where and as the PRM's own evaluation does: at each line's end token, on held-out
+  corrupted responses."""
+  from psgpo_jax.prm import metrics as prm_metrics  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rl import learn  # pylint: disable=import-outside-toplevel
+  params, metrics = trained_prm
+  assert metrics["auroc"] > metrics["position/auroc"], metrics
+  assert metrics["auroc"] > metrics["init/auroc"] + 0.1, metrics
+  tok, rows = ctx.tokenizer, oracle_rows(ctx.problems["eval"], 4, seed=1)
+  prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
+  responses = [tok.encode(r["response"], add_special_tokens=False) + [tok.eos_token_id]
+               for r in rows]
+  rollouts = Rollouts(np.arange(len(rows)), prompts, responses,
+                      [np.zeros(len(r)) for r in responses], [r["response"] for r in rows],
+                      ["eos"] * len(rows), [Result(False, "failed", 0, 1)] * len(rows))
+  batch = rollout_batch(rollouts, tok, tok.pad_token_id, (256,))
+  score = learn.make_score(ctx.model_cfg, 1.0, with_prm=True, with_value=False,
+                           with_policy=False)
+  out = jax.device_get(score({"ref": stages.initial_policy(ctx), "prm": params},
+                             {k: jnp.asarray(v) for k, v in batch.items()}))
+  want = prm_metrics.line_scores(params, ctx.model_cfg, tok, rows, max_len=256, batch_size=8,
+                                 pad_id=tok.pad_token_id)
+  for i, row in enumerate(rows):
+    ends = np.flatnonzero(batch["line_end_mask"][i])
+    assert len(ends) == len(row["line_labels"]) == len(want[i])
+    np.testing.assert_allclose(out["prm_scores"][i, ends], want[i], rtol=1e-5, atol=1e-5)
+    assert np.count_nonzero(out["prm_scores"][i]) <= len(ends)      # nothing between lines
+
+
+def _trainer(ctx, workdir, steps, prm, value_params_nan=False, mesh=None, config=None,
              snapshot_every=0):
   config = config or ctx.config
   cfg = ctx.model_cfg
   policy = stages.initial_policy(ctx)
-  prm = value_init.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"], ctx.problems["eval"],
                               ctx.sandbox)
   t = trainer_lib.RLTrainer(config, setup, str(workdir), policy, prm, steps=steps,
@@ -98,21 +143,23 @@ def _trainer(ctx, workdir, steps, value_params_nan=False, mesh=None, config=None
 
 
 @pytest.fixture(scope="module")
-def one_device_run(ctx, tmp_path_factory):
+def one_device_run(ctx, trained_prm, tmp_path_factory):
   """Two uninterrupted steps on one device, keeping the policy after each step."""
-  full = _trainer(ctx, tmp_path_factory.mktemp("full"), steps=2, snapshot_every=1)
+  full = _trainer(ctx, tmp_path_factory.mktemp("full"), steps=2, prm=trained_prm[0],
+                  snapshot_every=1)
   full.run(show_progress=False)
   full.close()
   return full
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(ctx, one_device_run,
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(ctx, trained_prm,
+                                                                  one_device_run,
                                                                   tmp_path):
   full = one_device_run
-  first = _trainer(ctx, tmp_path / "resumed", steps=1)        # "killed" after step 1
+  first = _trainer(ctx, tmp_path / "resumed", 1, trained_prm[0])        # "killed" after step 1
   first.run(show_progress=False)
   first.close()
-  resumed = _trainer(ctx, tmp_path / "resumed", steps=2)
+  resumed = _trainer(ctx, tmp_path / "resumed", 2, trained_prm[0])
   assert resumed.maybe_restore() == 1
   resumed.run(show_progress=False)
   resumed.close()
@@ -127,8 +174,9 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(ctx, one_device
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, one_device_run,
-                                                                  tmp_path):
+def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, trained_prm,
+                                                                   one_device_run,
+                                                                   tmp_path):
   """rl.old_logprobs=sampler (what `auto` picks in float32, as in `one_device_run`) skips
   the policy forward: on the same rollouts it takes the step a recomputed run takes, up to
   float rounding; the KL controller lives in the learner state and the one jitted step
@@ -142,7 +190,7 @@ def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, one_devi
   config.rl.reward.adaptive_kl = True
   config.rl.reward.kl_target = 1e-3
   config.rl.reward.kl_horizon = 100
-  t = _trainer(ctx, tmp_path, steps=1, config=config)
+  t = _trainer(ctx, tmp_path, 1, trained_prm[0], config=config)
   t.run(show_progress=False)
   t.close()
   got, want = t.history[0], one_device_run.history[0]
@@ -159,10 +207,10 @@ def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, one_devi
   assert float(t.state["kl"].value) < config.rl.reward.kl_coef     # KL below target: down
 
 
-def test_non_finite_updates_are_skipped_then_training_stops(ctx, tmp_path):
+def test_non_finite_updates_are_skipped_then_training_stops(ctx, trained_prm, tmp_path):
   config = ctx.config
   config.rl.max_nonfinite_steps = 2
-  t = _trainer(ctx, tmp_path / "nan", steps=2, value_params_nan=True)
+  t = _trainer(ctx, tmp_path / "nan", 2, trained_prm[0], value_params_nan=True)
   before = jax.tree_util.tree_map(np.asarray, t.policy_params)
   with pytest.raises(trainer_lib.TrainingDiverged, match="2 consecutive PPO updates"):
     t.run(show_progress=False)
@@ -188,14 +236,15 @@ def test_local_problem_order_splits_each_step_between_processes():
     trainer_lib.local_problem_order(10, 0, 4, 1, 2, 2)
 
 
-def test_trainer_rejects_a_batch_the_mesh_cannot_split(ctx, tmp_path):
+def test_trainer_rejects_a_batch_the_mesh_cannot_split(ctx, trained_prm, tmp_path):
   config = ctx.config.copy_and_resolve_references()
   config.rl.prompts_per_step, config.rl.num_minibatches = 3, 1     # 6 rows on data=8
   config.rl.prompts_per_row = 1
   with pytest.raises(ValueError, match=r"rl.prompts_per_step \* rl.samples_per_prompt = 6 "
                                        r"rows .* change rl.prompts_per_step or "
                                        r"rl.samples_per_prompt, or mesh.shape"):
-    _trainer(ctx, tmp_path, steps=1, mesh=sharding.make_mesh((8, 1, 1)), config=config)
+    _trainer(ctx, tmp_path, 1, trained_prm[0], mesh=sharding.make_mesh((8, 1, 1)),
+             config=config)
 
 
 def _assert_sharded_by_the_rules(params, module, mesh):
@@ -213,7 +262,8 @@ LOOSE_METRICS = {"ppo/value_clip_frac": 0.05}
 
 
 @pytest.mark.parametrize("steps", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_rl_steps_on_an_8_device_mesh_match_one_device(ctx, one_device_run, tmp_path, steps):
+def test_rl_steps_on_an_8_device_mesh_match_one_device(ctx, trained_prm, one_device_run,
+                                                      tmp_path, steps):
   """PSGPO steps (sample, test, score, GAE, PPO) on a (2, 2, 2) mesh vs one device.
 
   What is compared: the sampler keys every row by (row, step), so step 0 draws the same
@@ -230,7 +280,7 @@ def test_rl_steps_on_an_8_device_mesh_match_one_device(ctx, one_device_run, tmp_
   length) is marked slow.
   """
   mesh = sharding.make_mesh((2, 2, 2))
-  meshed = _trainer(ctx, tmp_path, steps=steps, mesh=mesh)
+  meshed = _trainer(ctx, tmp_path, steps, trained_prm[0], mesh=mesh)
   cfg = ctx.model_cfg
   _assert_sharded_by_the_rules(meshed.state["ref"], CausalLM(cfg), mesh)
   meshed.run(show_progress=False)

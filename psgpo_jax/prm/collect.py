@@ -27,7 +27,7 @@ from psgpo_jax.prm.labeler import (LabelingConfig, OracleFn, _agreement,
                                    label_agreement_by_k, label_batch, oracle_probe)
 from psgpo_jax.prm.search import PrefixJob, ProbeFn, Row
 from psgpo_jax.prm.select import label_counts, select_rows
-from psgpo_jax.prm.shards import load_labels, shard_indices, write_shard
+from psgpo_jax.prm.shards import load_labels, read_shard, shard_indices, shard_path, write_shard
 from psgpo_jax.sampling_config import from_pipeline_config
 
 STATS_FILE = "collect_stats.json"
@@ -92,6 +92,10 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
   index, count = shard
   for b in range(index, num_batches, count):
     if b in done:
+      if log_fn is not None:     # a crash may have come between its shard and its row
+        rows = read_shard(shard_path(out_dir, b))
+        log_fn(b, {**_stats(rows, config), "batch_seconds": rows[0]["batch_seconds"],
+                   "search_seconds": rows[0].get("search_seconds", 0.0)})
       continue
     start = time.time()
     batch = list(problems[b * per_batch:(b + 1) * per_batch])
@@ -124,7 +128,7 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
       row["selected"] = bool(keep)
     seconds = time.time() - start
     for row in rows:
-      row["batch_seconds"] = seconds
+      row["batch_seconds"], row["search_seconds"] = seconds, search_seconds
     write_shard(out_dir, b, rows)
     faults.reached(f"collect:{b}")
     new_batches += 1
@@ -286,7 +290,7 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
                    completer_params: Any = None, run_many_fn: Any = None,
                    oracle_fn: Optional[OracleFn] = None, writer: Any = None,
                    agreement_ks: Sequence[int] = (), agreement_responses: int = 32,
-                   mesh: Any = None) -> Dict[str, Any]:
+                   mesh: Any = None, metrics_prefix: str = "collect/") -> Dict[str, Any]:
   """Collects binary-search PRM labels end to end; resumable (see `run_collection`).
 
   Args:
@@ -302,11 +306,13 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
     run_many_fn: `(jobs) -> results` (default: a `Sandbox` pool with the config's limits).
     oracle_fn: (problem, response) -> first wrong line; default the synthetic oracle
       when every problem is synthetic.
-    writer: optional MetricWriter: per-batch metrics under `collect/`.
+    writer: optional MetricWriter: per-batch metrics (step = batch index) and the totals
+      (`total/`) under `metrics_prefix`, each logged once even across resumed runs.
     agreement_ks: if given (and an oracle exists), agreement with the oracle as a
       function of K on up to `agreement_responses` searched responses, written to
       `agreement_by_k.json` and into the stats.
     mesh: optional mesh for the sampler.
+    metrics_prefix: the prefix of the metric names (one per labeling policy).
   Returns:
     The collection stats (also in `out_dir/collect_stats.json`).
   """
@@ -346,12 +352,15 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
     return probe
 
   def log_fn(b: int, metrics: Dict[str, float]) -> None:
-    probe = probes[-1] if probes else None
+    """Logs batch b's row once: a resumed collection replays the rows of its shards."""
+    probe = probes.pop() if probes else None       # this batch's probe; none when replayed
+    probes.clear()
+    if writer is None or writer.has(b, f"{metrics_prefix}batch_seconds"):
+      return
     if probe is not None:
       metrics = {**metrics, "sample_seconds": probe.seconds["sample"],
                  "test_seconds": probe.seconds["test"]}
-    if writer is not None:
-      writer.write(b, metrics, prefix="collect/")
+    writer.write(b, metrics, prefix=metrics_prefix)
 
   try:
     stats = run_collection(problems, respond_fn, probe_for_batch, labeling, out_dir,
@@ -378,7 +387,7 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
   finally:
     if pool is not None:
       pool.close()
-  if writer is not None:
+  if writer is not None and not writer.has(0, f"{metrics_prefix}total/batches"):
     writer.write(0, {k: v for k, v in stats.items() if isinstance(v, (int, float))},
-                 prefix="collect/total/")
+                 prefix=f"{metrics_prefix}total/")
   return stats

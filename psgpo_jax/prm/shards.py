@@ -13,7 +13,7 @@ import os
 import re
 from typing import List, Sequence
 
-from psgpo_jax.jsonio import write_text
+from psgpo_jax.jsonio import json_line, write_text
 from psgpo_jax.prm.search import Row
 
 SHARD_PATTERN = "labels-{:05d}.jsonl"
@@ -26,7 +26,7 @@ def shard_path(out_dir: str, index: int) -> str:
 def write_shard(out_dir: str, index: int, rows: Sequence[Row]) -> str:
   """Writes one batch's rows as JSONL atomically (temp file + rename); returns the path."""
   return write_text(shard_path(out_dir, index),
-                    "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+                    "".join(json_line(row, sort_keys=True) for row in rows))
 
 
 def read_shard(path: str) -> List[Row]:

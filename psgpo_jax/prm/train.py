@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from psgpo_jax import batching, checkpointing, multihost, sharding, train_step
+from psgpo_jax import batching, checkpointing, faults, multihost, sharding, train_step
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
 from psgpo_jax.prm.baselines import position_scores
@@ -242,6 +242,7 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
     checkpointing.save_on_schedule(checkpointer, step + 1, checkpoint_every, config.steps,
                                    state)
+    faults.reached(f"prm:{step + 1}", settle=checkpointer and checkpointer.wait)
     if step % max(config.log_every, 1) == 0 or step == config.steps - 1:
       train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       bar.set_postfix(loss=f"{train_metrics['loss']:.3f}")

@@ -21,10 +21,15 @@ Dense reward of line m (PSGPO, Dai et al. 2024), before the optional safeguards:
     Phi before line 1 = shaping_baseline,
     N   = number of counted lines (normalize_by_lines), else 1.
 
-Potential shaping is Ng et al.'s (1999): the terminal potential is 0, so the shaped
-rewards of a response sum to -shaping_baseline whatever it wrote; they move credit
-between lines (a line that raises the PRM's score earns, one that lowers it pays) and
-cannot change which policy is optimal. The PRM's score after the last line is not used.
+Potential shaping is Ng et al.'s (1999) with gamma = 1: the terminal potential is 0, so
+the shaped rewards of a response sum to -lambda * shaping_baseline / N. They move credit
+between lines (a line that raises the PRM's score earns, one that lowers it pays); with
+shaping_baseline = 0 (the default) the sum is 0 whatever the response wrote, so shaping
+cannot change which policy is optimal. Two cases where it can: a non-zero baseline adds a
+per-response constant that depends on the outcome (lambda) and, with normalize_by_lines,
+on the number of lines, i.e. an outcome and length reward; and with rl.gamma < 1 the
+discounted sum no longer telescopes (Ng's form would need gamma * Phi_m - Phi_{m'}). The
+PRM's score after the last line is not used.
 
 Counted lines are the response's line ends, minus blank/comment-only lines when
 `skip_trivial_lines`. Then `penalty_only` clips d_m to <= 0, and `credit = "min"`

@@ -214,8 +214,8 @@ def _first_blocked(path: str) -> Optional[Tuple[str, str]]:
 def _expose_python(iso: Isolation) -> bool:
   """Lets an unprivileged uid reach the Python installation (mount namespace only).
 
-  A Python installed under a private directory (e.g. /root/.pyenv, /root being 0700)
-  is unreachable once the program drops root. Inside our mount namespace, such a
+  A Python installed under a private directory (e.g. a pyenv under a home directory of
+  mode 0700) is unreachable once the program drops root. Inside our mount namespace, such a
   directory is covered with a tmpfs holding only bind mounts of the children that
   lead to Python; the host's view does not change. Returns False when impossible.
   """
