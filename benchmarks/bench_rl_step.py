@@ -65,15 +65,19 @@ def time_setting(config, run_dir: str, steps: int, warmup: int):
   from psgpo_jax import pipeline, stages  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.advantages import rl_models  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rl.trainer import RLTrainer  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rl.trainer_config import TrainerConfig  # pylint: disable=import-outside-toplevel
   config.workdir = run_dir
   ctx = pipeline.RunContext(config)
   try:
     rl = config.rl
     prm = stages.load_prm(ctx) if "prm" in rl_models(rl) else None
     with tempfile.TemporaryDirectory() as tmp:
-      trainer = RLTrainer(config, stages._rl_setup(ctx, evaluate=False), tmp,   # pylint: disable=protected-access
-                          stages.sft_policy(ctx), prm, steps=warmup + steps,
-                          dense_reward=rl.dense_reward, value_init=rl.value_init)
+      trainer_cfg = TrainerConfig.from_config(config, ctx.model_cfg, ctx.tokenizer,
+                                              steps=warmup + steps,
+                                              dense_reward=rl.dense_reward,
+                                              value_init=rl.value_init)
+      trainer = RLTrainer(trainer_cfg, stages._rl_setup(ctx, evaluate=False), tmp,   # pylint: disable=protected-access
+                          stages.sft_policy(ctx), prm)
       rows = [trainer.iteration(s) for s in range(warmup + steps)][warmup:]
       trainer.close()
   finally:

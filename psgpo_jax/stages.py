@@ -176,10 +176,13 @@ def _rl_setup(ctx, evaluate: bool):
 def _run_trainer(config, ctx, name: str, prm_params, steps: int, dense_reward: bool,
                  value_init: str, snapshot_every: int = 0) -> Dict[str, Any]:
   from psgpo_jax.rl.trainer import RLTrainer  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.rl.trainer_config import TrainerConfig  # pylint: disable=import-outside-toplevel
   workdir = ctx.stage_dir(name)
-  trainer = RLTrainer(config, _rl_setup(ctx, evaluate=True), workdir, sft_policy(ctx),
-                      prm_params, steps=steps, dense_reward=dense_reward, value_init=value_init,
-                      snapshot_every=snapshot_every, mesh=ctx.mesh, rules=ctx.rules)
+  trainer_cfg = TrainerConfig.from_config(config, ctx.model_cfg, ctx.tokenizer, steps=steps,
+                                          dense_reward=dense_reward, value_init=value_init,
+                                          snapshot_every=snapshot_every)
+  trainer = RLTrainer(trainer_cfg, _rl_setup(ctx, evaluate=True), workdir, sft_policy(ctx),
+                      prm_params, mesh=ctx.mesh, rules=ctx.rules)
   try:
     start = trainer.maybe_restore()
     # Steps from `start` on are redone; a fresh run (start 0) logs its initial eval at -1.

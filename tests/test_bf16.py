@@ -13,6 +13,7 @@ from psgpo_jax.data import synthetic, synthetic_corpus
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
 from psgpo_jax.rl import value_init
 from psgpo_jax.rl import trainer as trainer_lib
+from psgpo_jax.rl.trainer_config import TrainerConfig
 from psgpo_jax.rollout import encode
 from psgpo_jax.sft import train_sft
 from psgpo_jax.tokenization import load_tokenizer
@@ -65,8 +66,9 @@ def test_an_rl_step_in_bfloat16_keeps_float32_state_and_consistent_log_probs(bf1
   prm = value_init.init_value_params("policy", cfg, policy, None, jax.random.PRNGKey(5))
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"],
                               ctx.problems["eval"], ctx.sandbox)
-  trainer = trainer_lib.RLTrainer(ctx.config, setup, str(tmp_path), policy, prm, steps=1,
-                                  dense_reward=True, value_init="prm")
+  trainer_cfg = TrainerConfig.from_config(ctx.config, cfg, ctx.tokenizer, steps=1,
+                                          dense_reward=True, value_init="prm")
+  trainer = trainer_lib.RLTrainer(trainer_cfg, setup, str(tmp_path), policy, prm)
   trainer.run(show_progress=False)
   trainer.close()
   for name in ("policy", "value"):

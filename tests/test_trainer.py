@@ -13,6 +13,7 @@ from psgpo_jax import pipeline, sharding, stages
 from psgpo_jax.models import CausalLM, ScalarModel, logical_axes
 from psgpo_jax.prm import train as prm_train
 from psgpo_jax.rl import trainer as trainer_lib
+from psgpo_jax.rl.trainer_config import TrainerConfig
 from psgpo_jax.rl.batch import rollout_batch
 from psgpo_jax.rollout import Rollouts
 from psgpo_jax.sandbox import Result
@@ -125,6 +126,29 @@ def test_the_trainer_reads_the_trained_prm_at_line_ends_as_prm_evaluation_does(c
     assert np.count_nonzero(out["prm_scores"][i]) <= len(ends)      # nothing between lines
 
 
+def test_trainer_config_reads_the_rl_section_once_and_checks_it(ctx):
+  """The stage's ConfigDict becomes one typed record; the trainer reads nothing else."""
+  import json  # pylint: disable=import-outside-toplevel
+  config = ctx.config.copy_and_resolve_references()
+  config.rl.seed, config.seed, config.logging.every_steps = -1, 7, 0
+  record = TrainerConfig.from_config(config, ctx.model_cfg, ctx.tokenizer, steps=5,
+                                     dense_reward=True, value_init="policy")
+  assert (record.steps, record.seed, record.log_every, record.value_init) == (5, 7, 1, "policy")
+  assert record.samples_per_prompt == record.sampling.num_samples == config.rl.samples_per_prompt
+  assert record.prm_dense and record.learner.prm_dense
+  assert record.checkpoint_every == config.checkpoint.every_steps
+  assert json.loads(json.dumps(record.to_json(), allow_nan=False))["learner"]["group_size"] == (
+      config.rl.samples_per_prompt)
+  config.rl.dense_source = "oracle"
+  oracle = TrainerConfig.from_config(config, ctx.model_cfg, ctx.tokenizer, steps=5,
+                                     dense_reward=True, value_init="policy")
+  assert not oracle.prm_dense and not oracle.learner.prm_dense
+  with pytest.raises(ValueError, match="rl.dense_source='x'"):
+    dataclasses.replace(record, dense_source="x")
+  with pytest.raises(ValueError, match="must divide rl.prompts_per_step"):
+    dataclasses.replace(record, prompts_per_step=4, prompts_per_row=3)
+
+
 def _trainer(ctx, workdir, steps, prm, value_params_nan=False, mesh=None, config=None,
              snapshot_every=0):
   config = config or ctx.config
@@ -132,9 +156,10 @@ def _trainer(ctx, workdir, steps, prm, value_params_nan=False, mesh=None, config
   policy = stages.initial_policy(ctx)
   setup = trainer_lib.RLSetup(cfg, ctx.tokenizer, ctx.problems["train"], ctx.problems["eval"],
                               ctx.sandbox)
-  t = trainer_lib.RLTrainer(config, setup, str(workdir), policy, prm, steps=steps,
-                            dense_reward=True, value_init="prm", mesh=mesh,
-                            snapshot_every=snapshot_every)
+  trainer_cfg = TrainerConfig.from_config(config, cfg, ctx.tokenizer, steps=steps,
+                                          dense_reward=True, value_init="prm",
+                                          snapshot_every=snapshot_every)
+  t = trainer_lib.RLTrainer(trainer_cfg, setup, str(workdir), policy, prm, mesh=mesh)
   if value_params_nan:
     value = t.state["ppo"]["value"]
     t.state["ppo"]["value"] = value.replace(

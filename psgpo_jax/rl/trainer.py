@@ -1,19 +1,21 @@
 """The PSGPO loop: rollout -> sandbox -> PRM scores -> rewards -> GAE -> one PPO update.
 
-Per step: `rl.prompts_per_step` training problems (a deterministic, per-epoch shuffled
-order) are sampled `rl.samples_per_prompt` times by the policy, the responses are tested in
+Per step: `prompts_per_step` training problems (a deterministic, per-epoch shuffled
+order) are sampled `samples_per_prompt` times by the policy, the responses are tested in
 the sandbox, and ONE jitted, sharded device call (`rl.learn`) scores them (reference
 log-probs, values, PRM line scores), computes token rewards and advantages, runs every PPO
 epoch and minibatch for policy and value, and updates the KL coefficient. Everything needed
 to continue bit-for-bit (policy, value, reference and PRM params, optimizer states, KL
-controller, step, config) is checkpointed every `checkpoint.every_steps` steps and at the
-end; a run restarted in the same workdir resumes from the last complete checkpoint.
+controller, step, config) is checkpointed every `checkpoint_every` steps and at the end; a
+run restarted in the same workdir resumes from the last complete checkpoint. The trainer
+reads its settings from one typed record, `rl.trainer_config.TrainerConfig`, which the
+stage builds from the pipeline config.
 
 The trainer also serves the paper's "no PRM" arm and the `baseline` stage:
 `dense_reward=False` uses no PRM rewards, `value_init="policy"` starts the value model
-from the policy's backbone. `rl.advantage` picks GAE (with the value model) or a
-critic-free estimator (RLOO / GRPO, `rl.advantages`: no value model is built or trained);
-`rl.dense_source = "oracle"` takes the dense line rewards from the synthetic suite's
+from the policy's backbone. The learner's estimator picks GAE (with the value model) or a
+critic-free one (RLOO / GRPO, `rl.advantages`: no value model is built or trained);
+`dense_source = "oracle"` takes the dense line rewards from the synthetic suite's
 exact first-error oracle instead of the PRM (the upper bound of the method). Each step
 logs its phases' seconds (`time/sample_s`, `sandbox`, `pack`, `learn`) and the sandbox's
 hack monitors (`rollout/hack_flags`).
@@ -21,14 +23,12 @@ hack monitors (`rollout/hack_flags`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -37,10 +37,10 @@ from psgpo_jax.logging import MetricWriter, progress
 from psgpo_jax.models import ModelConfig
 from psgpo_jax.rl import learn
 from psgpo_jax.rl.batch import prompt_group_rows, rollout_batch
+from psgpo_jax.rl.trainer_config import TrainerConfig
 from psgpo_jax.rl.value_init import init_value_params
 from psgpo_jax.rollout import Rollouts, encode, sample_and_test
 from psgpo_jax.sampling import Sampler
-from psgpo_jax.sampling_config import from_pipeline_config
 from psgpo_jax.sandbox import HACK_KINDS, any_hack
 
 Array = jax.Array
@@ -63,11 +63,6 @@ class RLSetup:
   # (`synthetic_oracle.oracle_line_labels`), for `rl.dense_source = "oracle"`; None where
   # the problems have no oracle.
   line_oracle: Optional[Callable[[Any, Sequence[str]], Sequence[int]]] = None
-
-
-def rl_seed(config: ml_collections.ConfigDict) -> int:
-  """The RL stage's seed: `rl.seed`, or the run's `seed` when it is -1."""
-  return int(config.rl.seed) if config.rl.seed >= 0 else int(config.seed)
 
 
 def problem_order(num_problems: int, step: int, per_step: int, seed: int) -> np.ndarray:
@@ -124,70 +119,62 @@ class RLTrainer:
   devices, and the global batch is assembled with `multihost.global_batch_from_local`.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, setup: RLSetup, workdir: str,
-               policy_params: Any, prm_params: Optional[Any], *, steps: int,
-               dense_reward: bool, value_init: str, snapshot_every: int = 0,
+  def __init__(self, config: TrainerConfig, setup: RLSetup, workdir: str,
+               policy_params: Any, prm_params: Optional[Any], *,
                mesh: Optional[Mesh] = None, rules: Optional[Mapping[str, Any]] = None):
     self.config, self.setup, self.workdir = config, setup, workdir
     self.mesh, self.rules = mesh, rules
-    self.steps, self.snapshot_every = steps, snapshot_every
-    self.dense_reward = dense_reward
-    rl = config.rl
+    self.steps, self.snapshot_every = config.steps, config.snapshot_every
+    self.dense_reward, self.dense_source = config.dense_reward, config.dense_source
+    self.prm_dense = config.prm_dense
     cfg = setup.model_cfg
-    self.dense_source = str(rl.dense_source)
-    self.prm_dense = dense_reward and self.dense_source == "prm"
     if self.prm_dense and prm_params is None:
       raise ValueError("rl.dense_reward=True needs a trained PRM: run the 'prm' stage first "
                        "or set rl.dense_reward=False (or rl.dense_source=oracle).")
-    if dense_reward and self.dense_source == "oracle" and setup.line_oracle is None:
+    if self.dense_reward and self.dense_source == "oracle" and setup.line_oracle is None:
       raise ValueError("rl.dense_source='oracle' needs problems with a first-error oracle "
                        "(data.source=synthetic); use rl.dense_source=prm.")
-    self.learner_cfg = learn.LearnerConfig.from_config(config, cfg, self.prm_dense)
+    self.learner_cfg = config.learner
     self.reward_cfg, self.ppo_cfg = self.learner_cfg.reward, self.learner_cfg.ppo
-    rows = rl.prompts_per_step * rl.samples_per_prompt
+    per_step, samples = config.prompts_per_step, config.samples_per_prompt
+    rows = per_step * samples
     self.ppo_cfg.minibatch_size(rows)
     # Rows of prompt groups: the update's rows are then prompts_per_step / prompts_per_row.
-    self.prompts_per_row = int(rl.prompts_per_row)
-    if self.prompts_per_row < 0 or (self.prompts_per_row
-                                    and rl.prompts_per_step % self.prompts_per_row):
-      raise ValueError(f"rl.prompts_per_row={self.prompts_per_row} must divide "
-                       f"rl.prompts_per_step={rl.prompts_per_step} (0 turns it off).")
+    self.prompts_per_row = config.prompts_per_row
     if self.prompts_per_row:
-      self.ppo_cfg.minibatch_size(rl.prompts_per_step // self.prompts_per_row)
+      self.ppo_cfg.minibatch_size(per_step // self.prompts_per_row)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
-    local_problem_order(len(setup.train_problems), 0, rl.prompts_per_step, rl_seed(config),
+    local_problem_order(len(setup.train_problems), 0, per_step, config.seed,
                         self.process_index, self.process_count)     # fails early if uneven
     if mesh is not None:
       sharding.check_batch_rows(
           rows, mesh, rules, "rl.prompts_per_step * rl.samples_per_prompt",
           "rl.prompts_per_step or rl.samples_per_prompt")
       if self.prompts_per_row:
-        sharding.check_batch_rows(rl.prompts_per_step // self.prompts_per_row, mesh, rules,
+        sharding.check_batch_rows(per_step // self.prompts_per_row, mesh, rules,
                                   "rl.prompts_per_step / rl.prompts_per_row",
                                   "rl.prompts_per_step or rl.prompts_per_row")
     self.critic = self.learner_cfg.critic      # RLOO / GRPO train no value model
     self.learner = learn.make_learner(self.learner_cfg, mesh, rules)
-    rng = jax.random.PRNGKey(rl_seed(config))
-    value_params = (init_value_params(value_init, cfg, policy_params, prm_params,
+    rng = jax.random.PRNGKey(config.seed)
+    value_params = (init_value_params(config.value_init, cfg, policy_params, prm_params,
                                       jax.random.fold_in(rng, 1), self.reward_cfg,
-                                      config.prm.loss) if self.critic else None)
+                                      self.learner_cfg.prm_loss) if self.critic else None)
     self.state = learn.init_state(self.learner_cfg, self.learner.optimizers, policy_params,
                                   value_params, prm_params, jax.random.fold_in(rng, 2))
     if mesh is not None:
       self.state = jax.device_put(self.state, self.learner.state_shardings)
-    self.sampler = Sampler(cfg,
-                           from_pipeline_config(config, setup.tokenizer, rl.samples_per_prompt),
-                           setup.tokenizer, mesh=multihost.sampling_mesh(self.mesh),
-                           rules=rules)
+    self.sampler = Sampler(cfg, config.sampling, setup.tokenizer,
+                           mesh=multihost.sampling_mesh(self.mesh), rules=rules)
     self.prompt_ids = [encode(setup.tokenizer, p.prompt) for p in setup.train_problems]
-    self.buckets = batching.default_buckets(
-        max(map(len, self.prompt_ids)) + config.sampling.max_new_tokens + 1)
+    new_tokens = config.sampling.max_new_tokens
+    self.buckets = batching.default_buckets(max(map(len, self.prompt_ids)) + new_tokens + 1)
     # Group rows are long and their length varies little: multiples of 64 slots.
     longest_group_row = max(1, self.prompts_per_row) * (
-        max(map(len, self.prompt_ids)) + rl.samples_per_prompt * config.sampling.max_new_tokens)
+        max(map(len, self.prompt_ids)) + samples * new_tokens)
     self.group_buckets = tuple(range(64, longest_group_row + 64, 64))
     self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.max_to_keep)
     self.history: List[Dict[str, float]] = []
     self.start_step = 0
 
@@ -203,7 +190,7 @@ class RLTrainer:
 
   def _group_rows(self, rollouts: Rollouts, tokens: np.ndarray) -> Dict[str, np.ndarray]:
     """This process's rows as rows of prompt groups (`rl.batch.prompt_group_rows`)."""
-    return prompt_group_rows(rollouts, tokens, int(self.config.rl.samples_per_prompt),
+    return prompt_group_rows(rollouts, tokens, self.config.samples_per_prompt,
                              self.prompts_per_row, self.group_buckets, self.process_index,
                              self._buckets if self.process_count > 1 else None)
 
@@ -228,8 +215,8 @@ class RLTrainer:
     return self.start_step
 
   def _save(self, next_step: int, force: bool = False) -> None:
-    meta = {"next_step": next_step, "data_position": next_step * self.config.rl.prompts_per_step,
-            "history": self.history, "config": json.loads(self.config.to_json_best_effort())}
+    meta = {"next_step": next_step, "data_position": next_step * self.config.prompts_per_step,
+            "history": self.history, "config": self.config.to_json()}
     self.checkpointer.save(next_step, self.state, meta, force=force)
 
   # ------------------------------------------------------------------------ one step
@@ -237,9 +224,9 @@ class RLTrainer:
   def step_indices(self, step: int) -> np.ndarray:
     """Indices (into `setup.train_problems`) of this process's share of the step's
     problems (all of them on one process)."""
-    rl = self.config.rl
-    return local_problem_order(len(self.setup.train_problems), step, rl.prompts_per_step,
-                               rl_seed(self.config), self.process_index, self.process_count)
+    return local_problem_order(len(self.setup.train_problems), step,
+                               self.config.prompts_per_step, self.config.seed,
+                               self.process_index, self.process_count)
 
   def step_problems(self, step: int) -> List[Any]:
     """This process's share of the step's problems (all of them on one process)."""
@@ -255,7 +242,7 @@ class RLTrainer:
     # rows are keyed as its share of the step's rows, so it draws what one process would.
     key = jax.random.fold_in(multihost.local_copy(self.state["rng"], self.mesh), step)
     params = multihost.local_copy(self.state["ppo"]["policy"].params, self.mesh)
-    first_row = self.process_index * len(index) * int(self.config.rl.samples_per_prompt)
+    first_row = self.process_index * len(index) * self.config.samples_per_prompt
     return sample_and_test(params, self.sampler, problems, prompt_ids,
                            self.setup.sandbox.run_many, key, first_row=first_row)
 
@@ -296,12 +283,12 @@ class RLTrainer:
   def run(self, writer: Optional[MetricWriter] = None, show_progress: bool = True
           ) -> Dict[str, Any]:
     """Trains from the current (possibly restored) step to `steps`; returns a summary."""
-    rl = self.config.rl
+    config = self.config
     nonfinite_in_a_row = 0
     step = self.start_step
     bar = progress(range(self.start_step, self.steps), desc="rl", enabled=show_progress,
                    initial=self.start_step, total=self.steps)
-    if self.setup.evaluate is not None and rl.eval_every and self.start_step == 0:
+    if self.setup.evaluate is not None and config.eval_every and self.start_step == 0:
       # The learning curve's first point: the initial policy, logged as step -1 (no update).
       initial = {"eval/updates": 0.0, **{f"eval/{k}": v for k, v in self.setup.evaluate(
           self.state["ppo"]["policy"].params, 0).items()}}
@@ -311,19 +298,19 @@ class RLTrainer:
     for step in bar:
       metrics = self.iteration(step)
       nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["ppo/nonfinite"] > 0 else 0
-      if nonfinite_in_a_row >= rl.max_nonfinite_steps:
+      if nonfinite_in_a_row >= config.max_nonfinite_steps:
         raise TrainingDiverged(
             f"{nonfinite_in_a_row} consecutive PPO updates had non-finite losses or gradients "
             f"(last at step {step}); those updates were skipped and no checkpoint was written "
             f"after them. Lower rl.policy_lr / rl.value_lr or raise rl.grad_clip's strictness, "
             f"then re-run: training resumes from the last good checkpoint.")
-      if self.setup.evaluate is not None and rl.eval_every and (
-          (step + 1) % rl.eval_every == 0 or step + 1 == self.steps):
+      if self.setup.evaluate is not None and config.eval_every and (
+          (step + 1) % config.eval_every == 0 or step + 1 == self.steps):
         metrics["eval/updates"] = float(step + 1)
         metrics.update({f"eval/{k}": v for k, v in self.setup.evaluate(
             self.state["ppo"]["policy"].params, step + 1).items()})
       self.history.append({"step": step, **metrics})
-      if writer is not None and (step % max(1, self.config.logging.every_steps) == 0
+      if writer is not None and (step % config.log_every == 0
                                  or "eval/updates" in metrics or step + 1 == self.steps):
         writer.write(step, metrics)
       bar.set_postfix(pass_rate=f"{metrics['reward/pass_rate']:.2f}",
@@ -331,7 +318,7 @@ class RLTrainer:
       if self.snapshot_every and (step + 1) % self.snapshot_every == 0:
         self._save_snapshot(step + 1)
       last_update_skipped = nonfinite_in_a_row > 0
-      if not last_update_skipped and ((step + 1) % self.config.checkpoint.every_steps == 0
+      if not last_update_skipped and ((step + 1) % config.checkpoint_every == 0
                                       or step + 1 == self.steps):
         self._save(step + 1)
     self.checkpointer.wait()
