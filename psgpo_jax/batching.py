@@ -13,11 +13,16 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= length; past the largest bucket, the next multiple of it."""
+def bucket_length(length: int, buckets: Sequence[int] = (), minimum: int = 1) -> int:
+  """THE padding policy of every padded dimension (training rows, sampler prompts and
+  batch rows), so that jit compiles a few shapes: the smallest of `buckets` >= length,
+  past the largest the next multiple of it; without buckets, the smallest power of two
+  >= length and >= `minimum`."""
+  if not buckets:
+    return max(int(minimum), 1 << max(0, (int(length) - 1).bit_length()))
   for b in sorted(buckets):
     if length <= b:
-      return b
+      return int(b)
   top = max(buckets)
   return -(-length // top) * top
 

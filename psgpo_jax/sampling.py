@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psgpo_jax import sharding
+from psgpo_jax.batching import bucket_length
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM, check_length
 from psgpo_jax.models.transformer import CACHE_AXES, default_positions, init_cache
@@ -61,16 +62,6 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 # ---------------------------------------------------------------------- bucketing --
-
-
-def bucket_size(n: int, minimum: int = 1, buckets: Sequence[int] = ()) -> int:
-  """Padded size for `n`: the first explicit bucket >= n, else a power of two >= minimum."""
-  if buckets:
-    for b in buckets:
-      if b >= n:
-        return int(b)
-    raise ValueError(f"Size {n} exceeds the largest bucket {buckets[-1]}; add a bucket.")
-  return max(int(minimum), 1 << max(0, (n - 1).bit_length()))
 
 
 # ----------------------------------------------------------------- the device loop --
@@ -329,8 +320,8 @@ class Sampler:
     check_length(max(map(len, seqs)) + cfg.max_new_tokens, self.model_cfg,
                  "The longest prompt (+ prefix) plus sampling.max_new_tokens")
     num_prompts = len(seqs)
-    length = bucket_size(max(map(len, seqs)), cfg.min_prompt_bucket, cfg.prompt_buckets)
-    batch = bucket_size(num_prompts, cfg.min_batch_bucket, cfg.batch_buckets)
+    length = bucket_length(max(map(len, seqs)), cfg.prompt_buckets, cfg.min_prompt_bucket)
+    batch = bucket_length(num_prompts, cfg.batch_buckets, cfg.min_batch_bucket)
     batch = -(-batch // self.data_size) * self.data_size
     tokens = np.full((batch, length), cfg.pad_id, np.int32)
     mask = np.zeros((batch, length), np.int32)

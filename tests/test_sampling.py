@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from psgpo_jax import sampling
+from psgpo_jax.batching import bucket_length
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
 from psgpo_jax.sampling import generate
 from psgpo_jax.sampling_config import SamplingConfig
@@ -419,8 +420,9 @@ def test_config_validation_and_from_dict():
     SamplingConfig(top_p=0.0)
   with pytest.raises(ValueError, match="Unknown"):
     SamplingConfig.from_dict({"max_tokens": 8})
-  assert sampling.bucket_size(17, 16) == 32 and sampling.bucket_size(3, 16) == 16
-  assert sampling.bucket_size(70, 16, (64, 96, 128)) == 96
+  assert bucket_length(17, (), 16) == 32 and bucket_length(3, (), 16) == 16
+  assert bucket_length(70, (64, 96, 128), 16) == 96
+  assert bucket_length(300, (64, 96, 128)) == 384      # past the largest: its multiple
 
 
 def test_evaluation_on_a_mesh_matches_one_device(model, tokenizer):
