@@ -13,7 +13,7 @@ import numpy as np
 from experiments.ablation_stats import (CURVE_METRIC, DIFFICULTY, by_horizon, compare,
                                         curve_over_seeds, curve_threshold, horizon_gain_slope,
                                         learning_curve,
-                                        mean_curve, monitor_curves, pass_by_difficulty,
+                                        mean_curve, mean_series, pass_by_difficulty,
                                         plateau_gain, problem_pass_counts, setting_table,
                                         steps_to_threshold, verdict)
 
@@ -72,8 +72,7 @@ def collect_runs(root: str, plan: Sequence[Tuple[str, int]]) -> Dict[str, List[D
 
 def write_plots(runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str) -> Dict[str, str]:
   """learning_curves.png, best_of_k.png, pass_by_horizon.png and training_monitors.png."""
-  from psgpo_jax import eval_plots  # pylint: disable=import-outside-toplevel
-  from psgpo_jax.stages import TRAINING_PLOT_KEYS  # pylint: disable=import-outside-toplevel
+  from psgpo_jax import plots  # pylint: disable=import-outside-toplevel
   first = next(iter(runs.values()))
   curves = {"SFT policy": mean_curve([r["report"]["before"]["best_of_k"] for r in first])}
   curves.update({LABELS[s]: mean_curve([r["report"]["after"]["best_of_k"] for r in rows])
@@ -84,40 +83,20 @@ def write_plots(runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str) -> D
   horizons.update({LABELS[s]: as_rows(by_horizon(rows)) for s, rows in runs.items()})
   learning = {LABELS[s]: curve_over_seeds(rows) for s, rows in runs.items()}
   return {
-      "learning_curves": eval_plots.plot_learning_curves(
+      "learning_curves": plots.plot_learning_curves(
           {k: v for k, v in learning.items() if v},
           os.path.join(out_dir, "learning_curves.png"),
           title="held-out pass@1 during RL (mean ± se over seeds)"),
-      "best_of_k": eval_plots.plot_best_of_k(
+      "best_of_k": plots.plot_best_of_k(
           curves, os.path.join(out_dir, "best_of_k.png"),
           title="Best-of-K on held-out problems (mean over seeds)"),
-      "by_horizon": eval_plots.plot_pass_by_length(
+      "by_horizon": plots.plot_pass_by_length(
           horizons, os.path.join(out_dir, "pass_by_horizon.png"),
           xlabel="horizon (solution lines)", title="pass@1 by horizon (mean over seeds)"),
-      "monitors": _plot_monitors(runs, TRAINING_PLOT_KEYS,
-                                 os.path.join(out_dir, "training_monitors.png"))}
-
-
-def _plot_monitors(runs: Mapping[str, Sequence[Dict[str, Any]]],
-                   keys: Sequence[Tuple[str, str]], path: str) -> str:
-  """One panel per (metric, title), one line per setting (mean over seeds per step)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-  for ax, (key, title) in zip(axes.flat, keys):
-    for setting, rows in runs.items():
-      steps, values = monitor_curves(rows, key)
-      if steps:
-        ax.plot(steps, values, label=LABELS[setting], marker="." if len(steps) < 10 else None)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("RL step")
-    ax.grid(alpha=0.3)
-  axes.flat[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+      "monitors": plots.plot_panels(
+          {LABELS[s]: mean_series([plots.training_series(r["metrics"]) for r in rows])
+           for s, rows in runs.items()},
+          plots.training_panels(), os.path.join(out_dir, "training_monitors.png"))}
 
 
 # ------------------------------------------------------------------------- results.md

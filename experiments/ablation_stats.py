@@ -94,15 +94,17 @@ def by_horizon(rows: Sequence[Dict[str, Any]], label: str = "after") -> Dict[int
           for h, v in per_seed_by_horizon(rows, label).items()}
 
 
-def monitor_curves(rows: Sequence[Dict[str, Any]], key: str) -> Tuple[List[int], List[float]]:
-  """A training metric averaged over seeds per step."""
-  per_step: Dict[int, List[float]] = {}
-  for run in rows:
-    for m in run["metrics"]:
-      if isinstance(m.get(key), (int, float)):
-        per_step.setdefault(int(m["step"]), []).append(float(m[key]))
-  steps = sorted(per_step)
-  return steps, [float(np.mean(per_step[s])) for s in steps]
+def mean_series(series: Sequence[Mapping[str, Sequence[Tuple[float, float]]]]
+                ) -> Dict[str, List[Tuple[float, float]]]:
+  """Pointwise mean over seeds of {key: [(x, y)]} series (e.g. `plots.training_series` of
+  each run): {key: [(x, mean y over the seeds that have x)]}."""
+  acc: Dict[str, Dict[float, List[float]]] = {}
+  for one in series:
+    for key, points in one.items():
+      for x, y in points:
+        acc.setdefault(key, {}).setdefault(float(x), []).append(float(y))
+  return {key: [(x, float(np.mean(ys))) for x, ys in sorted(by_x.items())]
+          for key, by_x in acc.items()}
 
 
 def _mean_and_variance(values: Sequence[float]) -> Tuple[float, float]:

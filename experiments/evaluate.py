@@ -35,7 +35,7 @@ def _latest_policy(workdir: str) -> str:
 def evaluate(config) -> dict:
   """Runs the evaluation described by `config`; returns the report (without samples)."""
   # pylint: disable=import-outside-toplevel
-  from psgpo_jax import eval_plots, evaluation, pipeline, stages
+  from psgpo_jax import evaluation, pipeline, plots, stages
   from psgpo_jax.configuration import validate_config  # pylint: disable=import-outside-toplevel
   from psgpo_jax.jsonio import write_json  # pylint: disable=import-outside-toplevel
   validate_config(config)
@@ -59,9 +59,9 @@ def evaluate(config) -> dict:
   evaluation.write_samples_jsonl(os.path.join(out_dir, "samples.jsonl"), report.pop("samples"))
   report["checkpoint"] = checkpoint
   write_json(os.path.join(out_dir, "report.json"), report)
-  eval_plots.plot_best_of_k({"policy": report["best_of_k"]},
+  plots.plot_best_of_k({"policy": report["best_of_k"]},
                             os.path.join(out_dir, "best_of_k.png"))
-  eval_plots.plot_pass_by_length({"policy": report["by_lines"]},
+  plots.plot_pass_by_length({"policy": report["by_lines"]},
                                  os.path.join(out_dir, "pass_by_lines.png"))
   print(json.dumps(report["summary"]["all"], indent=2))
   print(f"Report, samples and plots in {out_dir}")

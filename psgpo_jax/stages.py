@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 import ml_collections
 
-from psgpo_jax import eval_plots, evaluation, multihost
+from psgpo_jax import evaluation, multihost, plots
 from psgpo_jax.sampling_config import from_pipeline_config
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.logging import MetricWriter
@@ -360,43 +360,15 @@ def _write_eval_outputs(out_dir: str, report: Dict[str, Any], with_prm: bool) ->
   curves = {f"{k} (oracle pick)" if with_prm else k: v["best_of_k"] for k, v in report.items()}
   curves.update({f"{k} (PRM pick)": v["best_of_k_scored"] for k, v in report.items()
                  if "best_of_k_scored" in v})
-  eval_plots.plot_best_of_k(curves, os.path.join(out_dir, "best_of_k.png"))
-  eval_plots.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
+  plots.plot_best_of_k(curves, os.path.join(out_dir, "best_of_k.png"))
+  plots.plot_pass_by_length({k: v["by_horizon"] for k, v in report.items()},
                                  os.path.join(out_dir, "pass_by_horizon.png"),
                                  xlabel="horizon (solution lines)", title="pass@1 by horizon")
 
 
-# RL metrics plotted over training steps (a run's training.png, the ablation's monitors):
-# the pass rate, the reward-hacking monitors, KL and held-out greedy pass@1.
-TRAINING_PLOT_KEYS = (
-    ("reward/pass_rate", "train pass rate"), ("reward/prm_score_mean", "mean PRM score"),
-    ("reward/kl", "KL to reference"), ("reward/lines_per_response", "lines / response"),
-    ("reward/trivial_line_share", "trivial line share"),
-    ("eval/greedy_pass@1", "held-out greedy pass@1"), ("eval/pass@1", "held-out pass@1"))
-
-
 def _plot_training(metrics_path: str, out_path: str) -> Optional[str]:
-  """Pass rate, KL and the reward-hacking monitors over training steps, as one PNG."""
+  """training.png of an RL stage from its metrics.jsonl (None when there is none)."""
   if not os.path.exists(metrics_path):
     return None
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
-  rows = list(read_metrics(metrics_path))
-  fig, axes = plt.subplots(2, 4, figsize=(14, 6))
-  for ax, (key, title) in zip(axes.flat, TRAINING_PLOT_KEYS):
-    # Held-out evaluations are placed by the number of updates before them (0 = initial).
-    x_key = "eval/updates" if key.startswith("eval/") else "step"
-    points = [(r[x_key], r[key]) for r in rows
-              if isinstance(r.get(key), (int, float)) and x_key in r]
-    if points:
-      ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("PPO updates" if x_key != "step" else "step")
-  for ax in list(axes.flat)[len(TRAINING_PLOT_KEYS):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
-  return out_path
+  return plots.plot_training(list(read_metrics(metrics_path)), out_path)

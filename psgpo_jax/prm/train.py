@@ -27,7 +27,8 @@ from psgpo_jax.jsonio import write_json
 from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
 from psgpo_jax.prm.baselines import position_scores
 from psgpo_jax.prm.batches import BATCH_KEYS, Row, make_examples, train_batches
-from psgpo_jax.prm.metrics import evaluate_prm, plot_calibration, prm_metrics
+from psgpo_jax.plots import plot_calibration
+from psgpo_jax.prm.metrics import evaluate_prm, prm_metrics
 from psgpo_jax.prm.scoring import make_score_fn
 
 Array = jax.Array
