@@ -92,49 +92,16 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
   index, count = shard
   for b in range(index, num_batches, count):
     if b in done:
-      if log_fn is not None:     # a crash may have come between its shard and its row
-        rows = read_shard(shard_path(out_dir, b))
-        log_fn(b, {**_stats(rows, config), "batch_seconds": rows[0]["batch_seconds"],
-                   "search_seconds": rows[0].get("search_seconds", 0.0)})
-      continue
-    start = time.time()
-    batch = list(problems[b * per_batch:(b + 1) * per_batch])
-    responses, passed, extras = respond_fn(b, batch)
-    k = config.responses_per_prompt
-    if len(responses) != k * len(batch):
-      raise ValueError(f"respond_fn returned {len(responses)} responses for {len(batch)} "
-                       f"prompts x {k}.")
-    owners = [batch[i // k] for i in range(len(responses))]
-    ids = [_problem_id(p, b * per_batch + i // k) for i, p in
-           zip(range(len(responses)), owners)]
-    search = [True] * len(responses)
-    if config.drop_uniform_prompts:
-      none_pass = {pid for pid in set(ids)
-                   if not any(ok for p, ok in zip(ids, passed) if p == pid)}
-      search = [pid not in none_pass for pid in ids]
-    t_search = time.time()
-    rows = label_batch(owners, responses, passed, probe_for_batch(b), config, search=search)
-    search_seconds = time.time() - t_search
-    for i, row in enumerate(rows):
-      row["problem_id"] = ids[i]
-      row["prompt"] = getattr(owners[i], "prompt", "")
-      row["batch"] = b
-      if extras is not None:
-        row.update(extras[i])
-      if oracle_fn is not None:
-        row["oracle_first_bad"] = oracle_fn(owners[i], responses[i])
-    for row, keep in zip(rows, select_rows(rows, config.selection,
-                                           config.drop_uniform_prompts)):
-      row["selected"] = bool(keep)
-    seconds = time.time() - start
-    for row in rows:
-      row["batch_seconds"], row["search_seconds"] = seconds, search_seconds
-    write_shard(out_dir, b, rows)
-    faults.reached(f"collect:{b}")
-    new_batches += 1
-    if log_fn is not None:
-      log_fn(b, {**_stats(rows, config), "batch_seconds": seconds,
-                 "search_seconds": search_seconds})
+      rows = read_shard(shard_path(out_dir, b))
+    else:
+      rows = label_one_batch(b, problems[b * per_batch:(b + 1) * per_batch], b * per_batch,
+                             respond_fn, probe_for_batch(b), config, oracle_fn)
+      write_shard(out_dir, b, rows)
+      faults.reached(f"collect:{b}")
+      new_batches += 1
+    if log_fn is not None:     # also for a finished shard: a crash may have come between
+      log_fn(b, {**_stats(rows, config), "batch_seconds": rows[0]["batch_seconds"],
+                 "search_seconds": rows[0].get("search_seconds", 0.0)})
   sync("collect_batches")
   rows = load_labels(out_dir, selected_only=False)
   stats = _stats(rows, config)
@@ -146,6 +113,45 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
   if index == 0:
     _write_json(os.path.join(out_dir, STATS_FILE), stats)
   return stats
+
+
+def label_one_batch(b: int, batch: Sequence[Any], first_index: int, respond_fn: RespondFn,
+                    probe: ProbeFn, config: LabelingConfig,
+                    oracle_fn: Optional[OracleFn] = None) -> List[Row]:
+  """The labeled rows of batch `b` (its prompts `batch`, the first one the
+  `first_index`-th of the collection): responses from `respond_fn`, binary-search labels
+  through `probe` (prompts none of whose responses passed are not searched when
+  `config.drop_uniform_prompts`), the oracle's first wrong line when `oracle_fn` is given,
+  the selection flag, and the batch's seconds (`batch_seconds`, `search_seconds`)."""
+  start = time.time()
+  batch = list(batch)
+  responses, passed, extras = respond_fn(b, batch)
+  k = config.responses_per_prompt
+  if len(responses) != k * len(batch):
+    raise ValueError(f"respond_fn returned {len(responses)} responses for {len(batch)} "
+                     f"prompts x {k}.")
+  owners = [batch[i // k] for i in range(len(responses))]
+  ids = [_problem_id(p, first_index + i // k) for i, p in enumerate(owners)]
+  search = [True] * len(responses)
+  if config.drop_uniform_prompts:
+    none_pass = {pid for pid in set(ids)
+                 if not any(ok for p, ok in zip(ids, passed) if p == pid)}
+    search = [pid not in none_pass for pid in ids]
+  t_search = time.time()
+  rows = label_batch(owners, responses, passed, probe, config, search=search)
+  search_seconds = time.time() - t_search
+  for i, row in enumerate(rows):
+    row.update(problem_id=ids[i], prompt=getattr(owners[i], "prompt", ""), batch=b)
+    if extras is not None:
+      row.update(extras[i])
+    if oracle_fn is not None:
+      row["oracle_first_bad"] = oracle_fn(owners[i], responses[i])
+  for row, keep in zip(rows, select_rows(rows, config.selection, config.drop_uniform_prompts)):
+    row["selected"] = bool(keep)
+  seconds = time.time() - start
+  for row in rows:
+    row["batch_seconds"], row["search_seconds"] = seconds, search_seconds
+  return rows
 
 
 def _stats(rows: Sequence[Row], config: LabelingConfig) -> Dict[str, Any]:
@@ -285,6 +291,27 @@ def default_oracle(problems: Sequence[Any]) -> Optional[OracleFn]:
   return None
 
 
+def _agreement_once(out_dir: str, problems: Sequence[Any], probe: PolicyProbe,
+                    oracle_fn: OracleFn, ks: Sequence[int], max_responses: int,
+                    skip_trivial_lines: bool, process_index: int,
+                    sync: Callable[[str], None]) -> List[Dict[str, float]]:
+  """Agreement with the oracle by K on up to `max_responses` searched responses
+  (`label_agreement_by_k`), run once: process 0 runs it and writes
+  `agreement_by_k.json`, a resumed run and the other processes (after `sync`) read it."""
+  path = os.path.join(out_dir, "agreement_by_k.json")
+  report = _read_json(path)
+  if report is None and process_index == 0:
+    by_id = {_problem_id(p, i): p for i, p in enumerate(problems)}
+    rows = [r for r in load_labels(out_dir, selected_only=False)
+            if r["searched"] and r["problem_id"] in by_id][:max_responses]
+    report = label_agreement_by_k([by_id[r["problem_id"]] for r in rows],
+                                  [r["response"] for r in rows], probe.outcomes, oracle_fn,
+                                  ks, skip_trivial_lines)
+    _write_json(path, report)
+  sync("collect_agreement")
+  return report if report is not None else _read_json(path)
+
+
 def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
                    problems: Sequence[Any], config: Any, out_dir: str, rng: Any,
                    completer_params: Any = None, run_many_fn: Any = None,
@@ -367,21 +394,13 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
                            oracle_fn, log_fn, (index, jax.process_count()),
                            multihost.barrier)
     if agreement_ks and oracle_fn is not None:
-      path = os.path.join(out_dir, "agreement_by_k.json")
-      report = _read_json(path)
-      if report is None and index == 0:     # process 0 runs the experiment; the rest wait
-        by_id = {_problem_id(p, i): p for i, p in enumerate(problems)}
-        rows = [r for r in load_labels(out_dir, selected_only=False)
-                if r["searched"] and r["problem_id"] in by_id][:agreement_responses]
-        probe = PolicyProbe(completer_params, model_cfg, tokenizer,
-                            probe_cfg.replace(num_samples=max(agreement_ks)), run_many_fn,
-                            agree_rng, mesh)
-        report = label_agreement_by_k([by_id[r["problem_id"]] for r in rows],
-                                      [r["response"] for r in rows], probe.outcomes,
-                                      oracle_fn, agreement_ks, labeling.skip_trivial_lines)
-        _write_json(path, report)
-      multihost.barrier("collect_agreement")
-      stats["agreement_by_k"] = report if report is not None else _read_json(path)
+      probe = PolicyProbe(completer_params, model_cfg, tokenizer,
+                          probe_cfg.replace(num_samples=max(agreement_ks)), run_many_fn,
+                          agree_rng, mesh)
+      stats["agreement_by_k"] = _agreement_once(out_dir, problems, probe, oracle_fn,
+                                                agreement_ks, agreement_responses,
+                                                labeling.skip_trivial_lines, index,
+                                                multihost.barrier)
       if index == 0:
         _write_json(os.path.join(out_dir, STATS_FILE), stats)
   finally:

@@ -166,6 +166,62 @@ def init_prm_params(policy_params: Any, model_cfg: ModelConfig, rng: Array) -> A
   return jax.tree.map(jnp.array, params)   # own buffers: the train step donates them
 
 
+def _optimise(params: Any, model_cfg: ModelConfig, optimizer: Any, examples: Sequence[Any],
+              config: PRMTrainConfig, pad_id: int, seed: int, step_rng: Array, mesh: Any,
+              rules: Optional[Mapping[str, Any]], writer: Any, show_progress: bool,
+              checkpoint_dir: Optional[str], checkpoint_every: int
+              ) -> Tuple[Any, Dict[str, float]]:
+  """`config.steps` training steps on `examples` from `params` (resumed from the latest
+  checkpoint in `checkpoint_dir` when there is one, with the batches an uninterrupted run
+  sees); returns the trained params and the last logged training metrics."""
+  from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
+  state = train_step.TrainState.create(params, optimizer)
+  update = train_step.gradient_update(make_prm_loss(model_cfg, config.loss), optimizer)
+  state, step_fn = train_step.single_model_step(update, state, ScalarModel(model_cfg), optimizer,
+                                                mesh, rules)
+  checkpointer, state, first = checkpointing.resume_or_start(checkpoint_dir, checkpoint_every,
+                                                             state, "prm")
+  batches = train_batches(examples, config.batch_size, pad_id,
+                          batching.default_buckets(config.max_len), np.random.default_rng(seed))
+  for _ in range(first):        # the batch order is the seed's: skip the steps done
+    next(batches)
+  train_metrics: Dict[str, float] = {}
+  bar = progress(range(first, config.steps), desc="prm", enabled=show_progress)
+  for step in bar:
+    batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
+    if mesh is not None:     # the same rows on every process: each places its shards
+      batch = sharding.shard_batch(batch, mesh, rules)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
+    checkpointing.save_on_schedule(checkpointer, step + 1, checkpoint_every, config.steps,
+                                   state)
+    faults.reached(f"prm:{step + 1}", settle=checkpointer and checkpointer.wait)
+    if step % max(config.log_every, 1) == 0 or step == config.steps - 1:
+      train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      bar.set_postfix(loss=f"{train_metrics['loss']:.3f}")
+      if writer is not None:
+        writer.write(step, train_metrics, prefix="prm/train/")
+  if checkpointer is not None:
+    checkpointer.close()
+  return state.params, train_metrics
+
+
+QUALITY = ("auroc", "line_accuracy", "first_error_accuracy")
+
+
+def _result(before: Mapping[str, Any], after: Mapping[str, Any], position: Mapping[str, Any],
+            train_metrics: Mapping[str, float], train_eval: Mapping[str, Any]
+            ) -> Dict[str, Any]:
+  """The held-out metrics after training, beside those at init (`init/`), of the
+  position-only predictor (`position/`), the last training step (`train/`) and the
+  trained PRM on training rows (`train_eval/`)."""
+  result: Dict[str, Any] = {k: v for k, v in after.items() if k != "calibration"}
+  result.update({f"init/{k}": v for k, v in before.items() if k in QUALITY + ("ece",)})
+  result.update({f"position/{k}": v for k, v in position.items() if k in QUALITY})
+  result.update({f"train/{k}": v for k, v in train_metrics.items()})
+  result.update({f"train_eval/{k}": v for k, v in train_eval.items() if k in QUALITY})
+  return result
+
+
 def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
               rows: Sequence[Row], config: PRMTrainConfig, out_dir: str, pad_id: int,
               seed: int = 0, mesh: Any = None, writer: Any = None,
@@ -196,7 +252,6 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     those of the position-only predictor on the same rows (`position/...`),
     the last training metrics (`train/...`), counts and seconds.
   """
-  from psgpo_jax.logging import progress  # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.select import balance_lines  # pylint: disable=import-outside-toplevel
   start = time.time()
   if mesh is not None:
@@ -205,7 +260,6 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   train_rows, eval_rows = split_by_prompt(rows, config.eval_fraction, seed)
   if config.balance:
     train_rows = balance_lines(train_rows, seed)
-  buckets = batching.default_buckets(config.max_len)
   examples = make_examples(train_rows, tokenizer, config.max_len)
   optimizer = train_step.make_optimizer(
       config.learning_rate, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
@@ -224,34 +278,9 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
                         config.batch_size, pad_id, config.threshold, config.loss, score_fn)
 
   before = held_out(params)
-  state = train_step.TrainState.create(params, optimizer)
-  update = train_step.gradient_update(make_prm_loss(model_cfg, config.loss), optimizer)
-  state, step_fn = train_step.single_model_step(update, state, ScalarModel(model_cfg), optimizer,
-                                                mesh, rules)
-  checkpointer, state, first = checkpointing.resume_or_start(checkpoint_dir, checkpoint_every,
-                                                             state, "prm")
-  batches = train_batches(examples, config.batch_size, pad_id, buckets,
-                          np.random.default_rng(seed))
-  for _ in range(first):        # the batch order is the seed's: skip the steps done
-    next(batches)
-  train_metrics: Dict[str, float] = {}
-  bar = progress(range(first, config.steps), desc="prm", enabled=show_progress)
-  for step in bar:
-    batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
-    if mesh is not None:     # the same rows on every process: each places its shards
-      batch = sharding.shard_batch(batch, mesh, rules)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
-    checkpointing.save_on_schedule(checkpointer, step + 1, checkpoint_every, config.steps,
-                                   state)
-    faults.reached(f"prm:{step + 1}", settle=checkpointer and checkpointer.wait)
-    if step % max(config.log_every, 1) == 0 or step == config.steps - 1:
-      train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      bar.set_postfix(loss=f"{train_metrics['loss']:.3f}")
-      if writer is not None:
-        writer.write(step, train_metrics, prefix="prm/train/")
-  if checkpointer is not None:
-    checkpointer.close()
-  params = state.params
+  params, train_metrics = _optimise(params, model_cfg, optimizer, examples, config, pad_id,
+                                    seed, step_rng, mesh, rules, writer, show_progress,
+                                    checkpoint_dir, checkpoint_every)
   after = held_out(params)
   train_eval = {}
   if train_rows and config.eval_train_rows:
@@ -259,16 +288,9 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
                               train_rows[:config.eval_train_rows], config.max_len,
                               config.batch_size, pad_id, config.threshold, config.loss,
                               score_fn)
-  result: Dict[str, Any] = {k: v for k, v in after.items() if k != "calibration"}
-  result.update({f"init/{k}": v for k, v in before.items()
-                 if k in ("auroc", "line_accuracy", "first_error_accuracy", "ece")})
-  if eval_rows:        # the trivial predictor: line position alone (prm/baselines.py)
-    position = prm_metrics(eval_rows, position_scores(train_rows, eval_rows), threshold=0.0)
-    result.update({f"position/{k}": v for k, v in position.items()
-                   if k in ("auroc", "line_accuracy", "first_error_accuracy")})
-  result.update({f"train/{k}": v for k, v in train_metrics.items()})
-  result.update({f"train_eval/{k}": v for k, v in train_eval.items()
-                 if k in ("auroc", "line_accuracy", "first_error_accuracy")})
+  position = (prm_metrics(eval_rows, position_scores(train_rows, eval_rows), threshold=0.0)
+              if eval_rows else {})      # the trivial predictor: line position alone
+  result = _result(before, after, position, train_metrics, train_eval)
   result.update(train_rows=len(train_rows), eval_rows=len(eval_rows),
                 train_examples=len(examples), steps=config.steps, loss_type=config.loss,
                 seconds=time.time() - start)
