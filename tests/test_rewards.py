@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from psgpo_jax.rl import kl as K
 from psgpo_jax.rl import rewards as R
 
 T = 10
@@ -199,31 +200,31 @@ def test_kl_estimators_match_formulas():
   rng = np.random.default_rng(1)
   logp = -rng.random((3, 7)).astype(np.float32) * 3
   ref = -rng.random((3, 7)).astype(np.float32) * 3
-  np.testing.assert_allclose(np.asarray(R.kl_estimate(logp, ref, "k1")), logp - ref, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(K.kl_estimate(logp, ref, "k1")), logp - ref, rtol=1e-6)
   k3 = np.exp(ref - logp) - (ref - logp) - 1
-  out = np.asarray(R.kl_estimate(logp, ref, "k3"))
+  out = np.asarray(K.kl_estimate(logp, ref, "k3"))
   np.testing.assert_allclose(out, k3, rtol=1e-5, atol=1e-7)
   assert np.all(out >= 0)
   with pytest.raises(ValueError, match="kl_estimator"):
-    R.kl_estimate(logp, ref, "k9")
+    K.kl_estimate(logp, ref, "k9")
 
 
 def test_adaptive_kl_controller():
   # Formula, both clipping directions, and the pytree controller.
-  np.testing.assert_allclose(R.update_kl_coef(0.1, 0.06, 64, 0.05, 1000),
+  np.testing.assert_allclose(K.update_kl_coef(0.1, 0.06, 64, 0.05, 1000),
                              0.1 * (1 + 0.2 * 64 / 1000), rtol=1e-6)
-  np.testing.assert_allclose(R.update_kl_coef(0.1, 0.052, 64, 0.05, 1000),
+  np.testing.assert_allclose(K.update_kl_coef(0.1, 0.052, 64, 0.05, 1000),
                              0.1 * (1 + 0.04 * 64 / 1000), rtol=1e-5)
-  np.testing.assert_allclose(R.update_kl_coef(0.1, 0.0, 64, 0.05, 1000),
+  np.testing.assert_allclose(K.update_kl_coef(0.1, 0.0, 64, 0.05, 1000),
                              0.1 * (1 - 0.2 * 64 / 1000), rtol=1e-6)
-  ctrl = R.make_kl_controller(R.RewardConfig(kl_coef=0.1, adaptive_kl=True, kl_target=0.05,
+  ctrl = K.make_kl_controller(R.RewardConfig(kl_coef=0.1, adaptive_kl=True, kl_target=0.05,
                                              kl_horizon=1000))
-  assert isinstance(ctrl, R.AdaptiveKLController)
+  assert isinstance(ctrl, K.AdaptiveKLController)
   new = jax.jit(lambda c, kl: c.update(kl, 64))(ctrl, jnp.float32(0.06))
   np.testing.assert_allclose(new.value, 0.1 * (1 + 0.2 * 64 / 1000), rtol=1e-6)
   assert new.target == 0.05 and new.horizon == 1000.0
-  fixed = R.make_kl_controller(R.RewardConfig(kl_coef=0.1))
-  assert isinstance(fixed, R.FixedKLController)
+  fixed = K.make_kl_controller(R.RewardConfig(kl_coef=0.1))
+  assert isinstance(fixed, K.FixedKLController)
   np.testing.assert_allclose(fixed.update(1.0, 64).value, 0.1)
 
 

@@ -206,7 +206,7 @@ def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, trained_
   the policy forward: on the same rollouts it takes the step a recomputed run takes, up to
   float rounding; the KL controller lives in the learner state and the one jitted step
   moves it as Ziegler et al.'s rule says."""
-  from psgpo_jax.rl import learn, rewards
+  from psgpo_jax.rl import kl, learn
   assert one_device_run.learner_cfg.old_logprobs == "sampler"
   bf16 = dataclasses.replace(ctx.model_cfg, dtype="bfloat16")
   assert learn.resolve_old_logprobs("auto", bf16) == "recompute"
@@ -226,8 +226,8 @@ def test_sampler_log_probs_and_the_adaptive_kl_in_the_learner_step(ctx, trained_
   assert abs(got["reward/kl"]) < 1e-5        # the policy is the reference at step 0
   assert got["reward/kl_coef"] == pytest.approx(config.rl.reward.kl_coef)
   rows = config.rl.prompts_per_step * config.rl.samples_per_prompt
-  expected = rewards.update_kl_coef(config.rl.reward.kl_coef, got["reward/kl"], rows, 1e-3, 100)
-  assert isinstance(t.state["kl"], rewards.AdaptiveKLController)
+  expected = kl.update_kl_coef(config.rl.reward.kl_coef, got["reward/kl"], rows, 1e-3, 100)
+  assert isinstance(t.state["kl"], kl.AdaptiveKLController)
   assert float(t.state["kl"].value) == pytest.approx(float(expected), rel=1e-5)
   assert float(t.state["kl"].value) < config.rl.reward.kl_coef     # KL below target: down
 

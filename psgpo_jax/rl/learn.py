@@ -10,7 +10,7 @@ sandbox runs as a single traced, sharded device call (PureJaxRL's `_update_step`
      critic-free estimator (`rl.advantages`), with the KL coefficient of the state's
      controller;
   3. the PPO update (`rl.ppo`: all epochs x minibatches, policy and value);
-  4. the KL controller's update (`rewards.AdaptiveKLController`; fixed: unchanged).
+  4. the KL controller's update (`kl.AdaptiveKLController`; fixed: unchanged).
 
 The learner state is a pytree `{'ppo': {'policy', ['value']} TrainStates, 'ref': params,
 ['prm': params,] 'kl': KL controller, 'rng': key}` (the rng is the trainer's, passed
@@ -32,7 +32,7 @@ from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel
 from psgpo_jax.models.heads import GROUP_ROW_KEYS, row_inputs
 from psgpo_jax.prm import scoring as prm_scoring
 from psgpo_jax.rl import advantages as advantages_lib
-from psgpo_jax.rl import ppo, rewards
+from psgpo_jax.rl import kl, ppo, rewards
 
 Array = jax.Array
 OLD_LOGPROBS = ("recompute", "sampler")
@@ -249,7 +249,7 @@ def init_state(cfg: LearnerConfig, optimizers: Mapping[str, Any], policy_params:
     ppo_state["value"] = train_step.TrainState.create(value_params, optimizers["value"])
   copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)     # noqa: E731  (donated)
   state = {"ppo": ppo_state, "ref": copy(policy_params),
-           "kl": rewards.make_kl_controller(cfg.reward), "rng": rng}
+           "kl": kl.make_kl_controller(cfg.reward), "rng": rng}
   if cfg.prm_dense:
     state["prm"] = copy(prm_params)
   return state
@@ -283,10 +283,10 @@ def make_learner_fn(cfg: LearnerConfig, optimizers: Mapping[str, Any]) -> Callab
     if "group_tokens" in batch:
       batch = to_group_rows(batch, ppo.UPDATE_KEYS)
     ppo_state, update_metrics = update(state["ppo"], batch, key)
-    kl = state["kl"].update(reward_stats["kl"], rows)
+    kl_controller = state["kl"].update(reward_stats["kl"], rows)
     metrics = {**{f"reward/{k}": v for k, v in reward_stats.items()},
                **{f"ppo/{k}": v for k, v in update_metrics.items()}}
-    return {**state, "ppo": ppo_state, "kl": kl}, metrics
+    return {**state, "ppo": ppo_state, "kl": kl_controller}, metrics
 
   return learn
 
@@ -316,7 +316,7 @@ def make_learner(cfg: LearnerConfig, mesh: Optional[Mesh] = None,
   rep = sharding.replicated(mesh)
   shardings = {"ppo": train_step.state_shardings(modules, optimizers, mesh, full_rules),
                "ref": sharding.param_shardings(CausalLM(cfg.model), mesh, full_rules),
-               "kl": jax.tree.map(lambda _: rep, rewards.make_kl_controller(cfg.reward)),
+               "kl": jax.tree.map(lambda _: rep, kl.make_kl_controller(cfg.reward)),
                "rng": rep}
   if cfg.prm_dense:
     shardings["prm"] = sharding.param_shardings(ScalarModel(cfg.model), mesh, full_rules)

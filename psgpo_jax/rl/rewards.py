@@ -46,18 +46,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from psgpo_jax.fields import checked_fields
+from psgpo_jax.rl.kl import KL_ESTIMATORS, kl_estimate
 
 Array = jax.Array
 
 OUTCOMES = ("binary", "fraction")
 CREDITS = ("sum", "min")
 SHAPINGS = ("none", "potential")
-KL_ESTIMATORS = ("k1", "k3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,91 +256,38 @@ def dense_rewards(prm_scores: Array, passed: Array, line_end_mask: Array,
 
 
 # ---------------------------------------------------------------------------------------
-# KL penalty and its coefficient.
-
-
-def kl_estimate(logprobs: Array, ref_logprobs: Array, estimator: str = "k1") -> Array:
-  """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, 2020).
-
-    k1 = logp - ref_logp                                   (unbiased, can be negative)
-    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1      (unbiased, >= 0)
-
-  Args:
-    logprobs: [B, T] float, log pi of the sampled tokens.
-    ref_logprobs: [B, T] float, log pi_ref of the same tokens.
-    estimator: "k1" or "k3".
-  Returns:
-    [B, T] float32 (unmasked).
-  """
-  logprobs = jnp.asarray(logprobs, jnp.float32)
-  ref_logprobs = jnp.asarray(ref_logprobs, jnp.float32)
-  if estimator == "k1":
-    return logprobs - ref_logprobs
-  if estimator == "k3":
-    log_ratio = ref_logprobs - logprobs
-    return jnp.expm1(log_ratio) - log_ratio
-  raise ValueError(f"kl_estimator={estimator!r}; choose one of {KL_ESTIMATORS}.")
-
-
-def update_kl_coef(coef: Array, observed_kl: Array, n_steps: int, target: float,
-                   horizon: float) -> Array:
-  """Adaptive KL coefficient (Ziegler et al. 2019, proportional controller).
-
-    e = clip(observed_kl / target - 1, -0.2, 0.2)
-    coef <- coef * (1 + e * n_steps / horizon)
-
-  Args:
-    coef: scalar, current coefficient.
-    observed_kl: scalar, KL measured on the latest batch.
-    n_steps: samples seen since the last update (e.g. the batch size).
-    target: KL target.
-    horizon: controller horizon (in samples).
-  Returns:
-    scalar float32, the new coefficient.
-  """
-  error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
-  return jnp.asarray(coef, jnp.float32) * (1.0 + error * n_steps / horizon)
-
-
-@flax.struct.dataclass
-class FixedKLController:
-  """A constant KL coefficient; `update` returns the controller unchanged."""
-  value: Array
-
-  def update(self, observed_kl: Array, n_steps: int) -> "FixedKLController":
-    del observed_kl, n_steps
-    return self
-
-
-@flax.struct.dataclass
-class AdaptiveKLController:
-  """Ziegler et al.'s adaptive KL coefficient as an immutable pytree (checkpointable).
-
-  `AdaptiveKLController(init, target, horizon)`; `update` returns a new controller.
-  """
-  value: Array
-  target: float = flax.struct.field(pytree_node=False)
-  horizon: float = flax.struct.field(pytree_node=False)
-
-  def update(self, observed_kl: Array, n_steps: int) -> "AdaptiveKLController":
-    return self.replace(value=update_kl_coef(self.value, observed_kl, n_steps, self.target,
-                                             self.horizon))
-
-
-def make_kl_controller(config: RewardConfig):
-  """The controller the config asks for, starting at `kl_coef`."""
-  init = jnp.float32(config.kl_coef)
-  if config.adaptive_kl:
-    return AdaptiveKLController(init, float(config.kl_target), float(config.kl_horizon))
-  return FixedKLController(init)
-
-
-# ---------------------------------------------------------------------------------------
 # Composition and monitors.
 
 
 def _safe_div(num: Array, den: Array) -> Array:
   return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
+
+
+def _line_monitors(line_end_mask: Array, response: Array, trivial_line_mask: Optional[Array],
+                   config: RewardConfig) -> Tuple[Array, Dict[str, Array]]:
+  """The counted line ends ([B, T] bool) and the line monitors: lines and counted lines
+  per response, and the share of trivial (blank / comment-only) lines."""
+  batch = response.shape[0]
+  all_lines = jnp.asarray(line_end_mask).astype(bool) & response
+  counted = counted_line_mask(line_end_mask, response, trivial_line_mask,
+                              config.skip_trivial_lines)
+  n_all = jnp.sum(all_lines.astype(jnp.float32))
+  trivial = (jnp.zeros_like(all_lines) if trivial_line_mask is None
+             else jnp.asarray(trivial_line_mask).astype(bool) & all_lines)
+  return counted, {
+      "lines_per_response": n_all / batch,
+      "counted_lines_per_response": jnp.sum(counted) / batch,
+      "trivial_line_share": _safe_div(jnp.sum(trivial.astype(jnp.float32)), n_all)}
+
+
+def _prm_monitors(prm_scores: Array, counted: Array, passed_f: Array) -> Dict[str, Array]:
+  """The PRM's mean score over counted lines: all responses, passing ones, failing ones."""
+  scores = jnp.where(counted, jnp.asarray(prm_scores, jnp.float32), 0.0)
+  per_row_lines = jnp.sum(counted.astype(jnp.float32), axis=1)
+  per_row_score = jnp.sum(scores, axis=1)
+  mean_over = lambda w: _safe_div(jnp.sum(per_row_score * w), jnp.sum(per_row_lines * w))  # noqa: E731
+  return {"prm_score_mean": mean_over(1.0), "prm_score_mean_passed": mean_over(passed_f),
+          "prm_score_mean_failed": mean_over(1.0 - passed_f)}
 
 
 def token_rewards(config: RewardConfig, *, passed: Array, response_mask: Array,
@@ -397,45 +343,28 @@ def token_rewards(config: RewardConfig, *, passed: Array, response_mask: Array,
   }
 
   if line_end_mask is not None:
-    all_lines = jnp.asarray(line_end_mask).astype(bool) & response
-    counted = counted_line_mask(line_end_mask, response, trivial_line_mask,
-                                config.skip_trivial_lines)
-    n_all = jnp.sum(all_lines.astype(jnp.float32))
-    trivial = (jnp.zeros_like(all_lines) if trivial_line_mask is None
-               else jnp.asarray(trivial_line_mask).astype(bool) & all_lines)
-    stats["lines_per_response"] = n_all / batch
-    stats["counted_lines_per_response"] = jnp.sum(counted) / batch
-    stats["trivial_line_share"] = _safe_div(jnp.sum(trivial.astype(jnp.float32)), n_all)
+    counted, line_stats = _line_monitors(line_end_mask, response, trivial_line_mask, config)
+    stats.update(line_stats)
 
+  stats["dense_reward_mean"] = jnp.float32(0.0)
   if prm_scores is not None:
     if line_end_mask is None:
       raise ValueError("Dense PRM rewards need line_end_mask.")
     dense = dense_rewards(prm_scores, passed, line_end_mask, response, config,
                           trivial_line_mask)
     rewards = rewards + dense
-    scores = jnp.where(counted, jnp.asarray(prm_scores, jnp.float32), 0.0)
-    lines_f = counted.astype(jnp.float32)
-    per_row_lines = jnp.sum(lines_f, axis=1)
-    per_row_score = jnp.sum(scores, axis=1)
-    stats["prm_score_mean"] = _safe_div(jnp.sum(per_row_score), jnp.sum(per_row_lines))
-    stats["prm_score_mean_passed"] = _safe_div(jnp.sum(per_row_score * passed_f),
-                                               jnp.sum(per_row_lines * passed_f))
-    stats["prm_score_mean_failed"] = _safe_div(jnp.sum(per_row_score * (1 - passed_f)),
-                                               jnp.sum(per_row_lines * (1 - passed_f)))
+    stats.update(_prm_monitors(prm_scores, counted, passed_f))
     stats["dense_reward_mean"] = jnp.sum(dense) / batch
-  else:
-    stats["dense_reward_mean"] = jnp.float32(0.0)
 
   if (logprobs is None) != (ref_logprobs is None):
     raise ValueError("The KL penalty needs both logprobs and ref_logprobs.")
   coef = jnp.asarray(config.kl_coef if kl_coef is None else kl_coef, jnp.float32)
+  stats["kl"] = stats["kl_per_response"] = jnp.float32(0.0)
   if logprobs is not None:
     kl = jnp.where(response, kl_estimate(logprobs, ref_logprobs, config.kl_estimator), 0.0)
     rewards = rewards - coef * kl
     stats["kl"] = _safe_div(jnp.sum(kl), jnp.sum(resp_f))
     stats["kl_per_response"] = jnp.sum(kl) / batch
-  else:
-    stats["kl"] = stats["kl_per_response"] = jnp.float32(0.0)
   stats["kl_coef"] = coef
 
   rewards = jnp.where(response, rewards, zeros)
