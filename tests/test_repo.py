@@ -7,7 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["benchmarks/bench_rl_step.py", "benchmarks/bench_sampler.py",
+SCRIPTS = ["benchmarks/bench_ragged.py", "benchmarks/bench_rl_step.py",
+           "benchmarks/bench_sampler.py",
            "benchmarks/bench_sandbox.py", "benchmarks/bench_train_step.py",
            "scripts/make_parity_fixtures.py"]
 # Home and work directories of a machine: a path under one of them only exists there.
