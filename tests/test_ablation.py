@@ -23,6 +23,8 @@ def test_setting_config_sets_switches_seed_and_only_rl_stages():
   assert (config.rl.dense_reward, config.rl.value_init) == (True, "prm")
   assert config.rl.reward.normalize_by_lines is False and config.rl.seed == 7
   assert config.stages == "rl,eval" and base.rl.seed == -1        # the base is not changed
+  min_credit = ablation.setting_config(base, "min_credit", 3, "/tmp/z")
+  assert min_credit.rl.reward.credit == "min" and min_credit.rl.value_init == "prm"
   none = ablation.setting_config(base, "none", 0, "/tmp/y")
   assert (none.rl.dense_reward, none.rl.value_init) == (False, "policy")
 
