@@ -229,7 +229,11 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
   own devices and sandbox, into the shared stage directory.
   """
   from psgpo_jax.prm.collect import collect_labels  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.labeler import LabelingConfig  # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm.select import label_counts  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.sampling_config import from_pipeline_config  # pylint: disable=import-outside-toplevel
+  labeling = LabelingConfig.from_config(config)
+  sampling = from_pipeline_config(config, ctx.tokenizer, labeling.responses_per_prompt)
   out_dir = ctx.stage_dir("collect")
   policies = labeling_policies(ctx)
   problems = ctx.problems["train"][:config.collect.num_prompts]
@@ -240,7 +244,7 @@ def run_collect(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
       part_dir = out_dir if len(policies) == 1 else os.path.join(out_dir, f"policy_{i}")
       part = problems[i * share:(i + 1) * share]
       stats = collect_labels(
-          params, ctx.model_cfg, ctx.tokenizer, part, config, part_dir,
+          params, ctx.model_cfg, ctx.tokenizer, part, labeling, sampling, part_dir,
           jax.random.PRNGKey(config.seed + 1000 + i), run_many_fn=ctx.sandbox.run_many,
           writer=writer, agreement_ks=_agreement_ks(config) if i == 0 else (),
           mesh=multihost.sampling_mesh(ctx.mesh),

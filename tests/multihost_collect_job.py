@@ -33,6 +33,7 @@ def main() -> None:
   from psgpo_jax.models import CausalLM, ModelConfig, init_params  # pylint: disable=import-outside-toplevel
   from psgpo_jax.jsonio import write_json                     # pylint: disable=import-outside-toplevel
   from psgpo_jax.prm import collect                           # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.labeler import LabelingConfig            # pylint: disable=import-outside-toplevel
   from psgpo_jax.sampling_config import from_pipeline_config  # pylint: disable=import-outside-toplevel
   from psgpo_jax.tokenization import load_tokenizer           # pylint: disable=import-outside-toplevel
 
@@ -45,16 +46,17 @@ def main() -> None:
   params = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
   problems = synthetic.make_split(0, 12, range(3, 10))
   config = quickstart.get_config()
-  config.collect.num_prompts = 8
   config.collect.responses_per_prompt = 2
   config.collect.completions = 2
   config.collect.batch_responses = 4          # 2 prompts per batch: 4 batches
   config.collect.selection = "failed"
   config.sampling.max_new_tokens = 16
-  config.sandbox.num_workers = 1
-  stats = collect.collect_labels(params, cfg, tokenizer, problems, config, args.out,
-                                 jax.random.PRNGKey(3), agreement_ks=(1, 2),
-                                 mesh=multihost.sampling_mesh(mesh))
+  with sandbox.Sandbox(1) as pool:
+    stats = collect.collect_labels(params, cfg, tokenizer, problems[:8],
+                                   LabelingConfig.from_config(config),
+                                   from_pipeline_config(config, tokenizer, 1), args.out,
+                                   jax.random.PRNGKey(3), run_many_fn=pool.run_many,
+                                   agreement_ks=(1, 2), mesh=multihost.sampling_mesh(mesh))
   sampling = from_pipeline_config(config, tokenizer, num_samples=2, temperature=1.0)
   with sandbox.Sandbox(1) as pool:        # 3 sampler calls of 2 problems, split by process
     report = evaluation.evaluate_policy(

@@ -73,7 +73,7 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
 def _labels(out: str):
   """The labeled rows, without their wall-clock fields."""
   from psgpo_jax.prm import shards
-  return [{k: v for k, v in row.items() if k != "batch_seconds"}
+  return [{k: v for k, v in row.items() if not k.endswith("_seconds")}
           for row in shards.load_labels(out, selected_only=False)]
 
 

@@ -446,7 +446,7 @@ def test_policy_probe_samples_k_completions_per_prefix_in_one_call(problems, poo
   assert not any(any(o) for o in outcomes)
 
 
-def test_collect_labels_end_to_end_with_sampler_and_sandbox(problems, tiny_policy,
+def test_collect_labels_end_to_end_with_sampler_and_sandbox(problems, tiny_policy, pool,
                                                            tmp_path):
   import jax
   from configs import quickstart
@@ -458,10 +458,13 @@ def test_collect_labels_end_to_end_with_sampler_and_sandbox(problems, tiny_polic
   config.collect.batch_responses = 4
   config.collect.selection = "failed"
   config.sampling.max_new_tokens = 16
-  config.sandbox.num_workers = 2
   out = str(tmp_path / "collect")
-  stats = collect.collect_labels(params, cfg, tokenizer, problems, config, out,
-                             jax.random.PRNGKey(3), agreement_ks=(1, 2))
+  labeling = labeler.LabelingConfig.from_config(config)
+  sampling = from_pipeline_config(config, tokenizer, 1)
+  collect_four = lambda: collect.collect_labels(                        # noqa: E731
+      params, cfg, tokenizer, problems[:4], labeling, sampling, out, jax.random.PRNGKey(3),
+      run_many_fn=pool.run_many, agreement_ks=(1, 2))
+  stats = collect_four()
   rows = shards.load_labels(out, selected_only=False)
   assert shards.shard_indices(out) == [0, 1] and len(rows) == stats["responses"] == 8
   assert [r["problem_id"] for r in rows] == [p.id for p in problems[:4] for _ in range(2)]
@@ -473,6 +476,5 @@ def test_collect_labels_end_to_end_with_sampler_and_sandbox(problems, tiny_polic
   assert [r["k"] for r in stats["agreement_by_k"]] == [1, 2]
   assert os.path.exists(os.path.join(out, "agreement_by_k.json"))
   # A second call finds everything done and recomputes nothing.
-  again = collect.collect_labels(params, cfg, tokenizer, problems, config, out,
-                             jax.random.PRNGKey(3), agreement_ks=(1, 2))
+  again = collect_four()
   assert again["batches_run_now"] == 0 and again["responses"] == 8

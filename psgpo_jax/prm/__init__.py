@@ -5,8 +5,9 @@ held-out metrics (`metrics`), line-end scores (`scoring`) and the trivial predic
 must beat (`baselines`).
 
     from psgpo_jax import prm
-    stats = prm.collect_labels(policy_params, model_cfg, tokenizer, problems, config,
-                               out_dir, rng)
+    stats = prm.collect_labels(policy_params, model_cfg, tokenizer, problems,
+                               prm.LabelingConfig.from_config(config),
+                               from_pipeline_config(config, tokenizer, 1), out_dir, rng)
     rows = prm.load_labels(out_dir)
     params, metrics = prm.train_prm(policy_params, model_cfg, tokenizer, rows,
                                     prm.PRMTrainConfig.from_config(config), run_dir, pad_id)

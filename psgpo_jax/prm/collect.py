@@ -28,7 +28,7 @@ from psgpo_jax.prm.labeler import (LabelingConfig, OracleFn, _agreement,
 from psgpo_jax.prm.search import PrefixJob, ProbeFn, Row
 from psgpo_jax.prm.select import label_counts, select_rows
 from psgpo_jax.prm.shards import load_labels, read_shard, shard_indices, shard_path, write_shard
-from psgpo_jax.sampling_config import from_pipeline_config
+from psgpo_jax.sampling_config import SamplingConfig
 
 STATS_FILE = "collect_stats.json"
 
@@ -313,7 +313,8 @@ def _agreement_once(out_dir: str, problems: Sequence[Any], probe: PolicyProbe,
 
 
 def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
-                   problems: Sequence[Any], config: Any, out_dir: str, rng: Any,
+                   problems: Sequence[Any], labeling: LabelingConfig,
+                   sampling: SamplingConfig, out_dir: str, rng: Any,
                    completer_params: Any = None, run_many_fn: Any = None,
                    oracle_fn: Optional[OracleFn] = None, writer: Any = None,
                    agreement_ks: Sequence[int] = (), agreement_responses: int = 32,
@@ -324,13 +325,14 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
     policy_params: CausalLM params that sample the responses to label.
     model_cfg: their ModelConfig (the completer shares it).
     tokenizer: a transformers tokenizer (pad and eos set).
-    problems: Problems (`.prompt`, `.tests`, `.program`); `config.collect.num_prompts`
-      of them are used.
-    config: the pipeline config (`collect`, `sampling`, `sandbox` sections).
+    problems: Problems (`.prompt`, `.tests`, `.program`) to label, all of them.
+    labeling: the labeling knobs (`LabelingConfig.from_config` of a pipeline config).
+    sampling: the sampler's settings (`sampling_config.from_pipeline_config`); the
+      responses' and completions' counts and temperature are `labeling`'s.
     out_dir: shard directory (labels-XXXXX.jsonl, collect_stats.json).
     rng: PRNG key.
     completer_params: the policy that samples the K completions (default: the policy).
-    run_many_fn: `(jobs) -> results` (default: a `Sandbox` pool with the config's limits).
+    run_many_fn: `(jobs) -> results` (default: a `Sandbox` pool with default limits).
     oracle_fn: (problem, response) -> first wrong line; default the synthetic oracle
       when every problem is synthetic.
     writer: optional MetricWriter: per-batch metrics (step = batch index) and the totals
@@ -345,23 +347,19 @@ def collect_labels(policy_params: Any, model_cfg: Any, tokenizer: Any,
   """
   import jax  # pylint: disable=import-outside-toplevel
   from psgpo_jax import multihost, sandbox  # pylint: disable=import-outside-toplevel
-  labeling = LabelingConfig.from_config(config)
   index = jax.process_index()
-  problems = list(problems)[:int(config.collect.num_prompts)]
+  problems = list(problems)
   oracle_fn = oracle_fn or default_oracle(problems)
   pool = None
   if run_many_fn is None:
-    limits = sandbox.Limits(timeout_s=float(config.sandbox.timeout_s),
-                            memory_mb=int(config.sandbox.memory_mb))
-    pool = sandbox.Sandbox(int(config.sandbox.num_workers) or None, limits=limits,
-                           cache_size=int(config.sandbox.cache_size))
+    pool = sandbox.Sandbox()
     run_many_fn = pool.run_many
   completer_params = policy_params if completer_params is None else completer_params
   respond_rng, probe_rng, agree_rng = jax.random.split(rng, 3)
-  respond_cfg = from_pipeline_config(config, tokenizer, labeling.responses_per_prompt,
-                                     labeling.temperature)
-  probe_cfg = from_pipeline_config(config, tokenizer, labeling.completions,
-                                   labeling.temperature)
+  respond_cfg = sampling.replace(num_samples=labeling.responses_per_prompt,
+                                 temperature=labeling.temperature)
+  probe_cfg = sampling.replace(num_samples=labeling.completions,
+                               temperature=labeling.temperature)
   respond_fn = make_respond_fn(policy_params, model_cfg, tokenizer, respond_cfg, run_many_fn,
                                respond_rng, mesh)
   probes: List[PolicyProbe] = []
