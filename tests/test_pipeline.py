@@ -52,6 +52,28 @@ def test_every_stage_runs_and_reports(tiny_run):
   assert "after.pass@1" in stdout                         # the printed summary table
 
 
+def _strict(name):
+  raise ValueError(f"{name} is not strict JSON")
+
+
+def test_every_json_file_a_run_writes_is_strict_json(tiny_run):
+  """summary, results, stats, reports, configs, label shards, eval samples and metric rows:
+  no NaN or Infinity words, which strict JSON readers reject (checkpoint internals and
+  the tokenizer's files are not the run's own)."""
+  workdir, _ = tiny_run
+  paths = [p for p in glob.glob(os.path.join(workdir, "**", "*.json*"), recursive=True)
+           if p.endswith((".json", ".jsonl")) and "checkpoints" not in p
+           and "tokenizer" not in p and "policy" not in p and "model" not in p]
+  assert {os.path.basename(p) for p in paths} >= {"summary.json", "result.json",
+                                                  "metrics.jsonl", "samples_after.jsonl"}
+  assert any(os.path.basename(p).startswith("labels-") for p in paths)
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    for part in (text.splitlines() if path.endswith(".jsonl") else [text]):
+      json.loads(part, parse_constant=_strict)
+
+
 def test_eval_figures_are_those_of_its_samples_rescored_independently(tiny_run):
   """Every eval sample, run again in a fresh sandbox against its problem's tests, gets
   the verdict the run recorded, and pass@1 / pass@2 follow from those verdicts by the
