@@ -1,8 +1,9 @@
 """THE way run files are written as JSON: atomically, and strict (no NaN / Infinity).
 
 `json.dump` writes NaN and Infinity as bare words that strict JSON readers reject; every
-result, summary, stats and report file of a run goes through `write_json` (and every
-JSONL row, label shards and eval samples, through `json_line`), which writes them as null and replaces the file atomically (temporary file + rename), so a crash never
+result, summary, stats and report file of a run goes through `write_json` (every JSONL
+row of label shards and eval samples through `json_line`), which writes them as null;
+`write_text` replaces a file atomically (temporary file + rename), so a crash never
 leaves half a file.
 """
 from __future__ import annotations

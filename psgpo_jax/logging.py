@@ -45,15 +45,15 @@ class MetricWriter:
   def __init__(self, logdir: str, tensorboard: bool = True, keep_before: Optional[int] = None):
     self.logdir = logdir
     self.active = _is_main_process()
-    self._logged: set = set()
+    self._path: Optional[str] = None
+    self._logged: Optional[set] = None       # (step, key) pairs in the file, once `has` asks
     self._tb = None
     self._jsonl = None
     if self.active:
       os.makedirs(logdir, exist_ok=True)
       path = os.path.join(logdir, "metrics.jsonl")
       truncate_metrics(path, sys.maxsize if keep_before is None else keep_before)
-      self._logged = {(int(row["step"]), key) for row in read_metrics(path) for key in row
-                      } if os.path.exists(path) else set()
+      self._path = path
       self._jsonl = open(path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -61,6 +61,11 @@ class MetricWriter:
 
   def has(self, step: int, key: str) -> bool:
     """Whether a row of `step` with metric `key` (prefix included) is in the file."""
+    if not self.active:
+      return False
+    if self._logged is None:
+      self._jsonl.flush()
+      self._logged = {(int(row["step"]), k) for row in read_metrics(self._path) for k in row}
     return (int(step), key) in self._logged
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
@@ -77,7 +82,8 @@ class MetricWriter:
       if self._tb is not None:
         self._tb.add_scalar(name, value, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
-    self._logged.update((row["step"], key) for key in row)
+    if self._logged is not None:
+      self._logged.update((row["step"], key) for key in row)
     self._jsonl.flush()
 
   def close(self) -> None:

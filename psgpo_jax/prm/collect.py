@@ -92,6 +92,8 @@ def run_collection(problems: Sequence[Any], respond_fn: RespondFn,
   index, count = shard
   for b in range(index, num_batches, count):
     if b in done:
+      if log_fn is None:
+        continue
       rows = read_shard(shard_path(out_dir, b))
     else:
       rows = label_one_batch(b, problems[b * per_batch:(b + 1) * per_batch], b * per_batch,

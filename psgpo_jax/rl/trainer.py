@@ -124,14 +124,11 @@ class RLTrainer:
                mesh: Optional[Mesh] = None, rules: Optional[Mapping[str, Any]] = None):
     self.config, self.setup, self.workdir = config, setup, workdir
     self.mesh, self.rules = mesh, rules
-    self.steps, self.snapshot_every = config.steps, config.snapshot_every
-    self.dense_reward, self.dense_source = config.dense_reward, config.dense_source
-    self.prm_dense = config.prm_dense
     cfg = setup.model_cfg
-    if self.prm_dense and prm_params is None:
+    if config.prm_dense and prm_params is None:
       raise ValueError("rl.dense_reward=True needs a trained PRM: run the 'prm' stage first "
                        "or set rl.dense_reward=False (or rl.dense_source=oracle).")
-    if self.dense_reward and self.dense_source == "oracle" and setup.line_oracle is None:
+    if config.oracle_dense and setup.line_oracle is None:
       raise ValueError("rl.dense_source='oracle' needs problems with a first-error oracle "
                        "(data.source=synthetic); use rl.dense_source=prm.")
     self.learner_cfg = config.learner
@@ -140,9 +137,8 @@ class RLTrainer:
     rows = per_step * samples
     self.ppo_cfg.minibatch_size(rows)
     # Rows of prompt groups: the update's rows are then prompts_per_step / prompts_per_row.
-    self.prompts_per_row = config.prompts_per_row
-    if self.prompts_per_row:
-      self.ppo_cfg.minibatch_size(per_step // self.prompts_per_row)
+    if config.prompts_per_row:
+      self.ppo_cfg.minibatch_size(per_step // config.prompts_per_row)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     local_problem_order(len(setup.train_problems), 0, per_step, config.seed,
                         self.process_index, self.process_count)     # fails early if uneven
@@ -150,8 +146,8 @@ class RLTrainer:
       sharding.check_batch_rows(
           rows, mesh, rules, "rl.prompts_per_step * rl.samples_per_prompt",
           "rl.prompts_per_step or rl.samples_per_prompt")
-      if self.prompts_per_row:
-        sharding.check_batch_rows(per_step // self.prompts_per_row, mesh, rules,
+      if config.prompts_per_row:
+        sharding.check_batch_rows(per_step // config.prompts_per_row, mesh, rules,
                                   "rl.prompts_per_step / rl.prompts_per_row",
                                   "rl.prompts_per_step or rl.prompts_per_row")
     self.critic = self.learner_cfg.critic      # RLOO / GRPO train no value model
@@ -170,7 +166,7 @@ class RLTrainer:
     new_tokens = config.sampling.max_new_tokens
     self.buckets = batching.default_buckets(max(map(len, self.prompt_ids)) + new_tokens + 1)
     # Group rows are long and their length varies little: multiples of 64 slots.
-    longest_group_row = max(1, self.prompts_per_row) * (
+    longest_group_row = max(1, config.prompts_per_row) * (
         max(map(len, self.prompt_ids)) + samples * new_tokens)
     self.group_buckets = tuple(range(64, longest_group_row + 64, 64))
     self.checkpointer = checkpointing.Checkpointer(
@@ -191,7 +187,7 @@ class RLTrainer:
   def _group_rows(self, rollouts: Rollouts, tokens: np.ndarray) -> Dict[str, np.ndarray]:
     """This process's rows as rows of prompt groups (`rl.batch.prompt_group_rows`)."""
     return prompt_group_rows(rollouts, tokens, self.config.samples_per_prompt,
-                             self.prompts_per_row, self.group_buckets, self.process_index,
+                             self.config.prompts_per_row, self.group_buckets, self.process_index,
                              self._buckets if self.process_count > 1 else None)
 
   def _device_batch(self, host: Dict[str, np.ndarray]) -> Dict[str, Array]:
@@ -252,14 +248,14 @@ class RLTrainer:
     rollouts = self.rollout(step)
     t1 = time.time()
     labeler = None
-    if self.dense_reward and self.dense_source == "oracle":
+    if self.config.oracle_dense:
       problems = self.step_problems(step)
       labeler = lambda row, lines: self.setup.line_oracle(                # noqa: E731
           problems[rollouts.problem_index[row]], lines)
     longest = max(len(p) + len(r) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids))
     host = rollout_batch(rollouts, self.setup.tokenizer, self.setup.tokenizer.pad_token_id,
                          self._buckets(self.buckets, longest), labeler)
-    if self.prompts_per_row:
+    if self.config.prompts_per_row:
       host.update(self._group_rows(rollouts, host["tokens"]))
     batch = self._device_batch(host)
     t_pack = time.time()
@@ -286,8 +282,8 @@ class RLTrainer:
     config = self.config
     nonfinite_in_a_row = 0
     step = self.start_step
-    bar = progress(range(self.start_step, self.steps), desc="rl", enabled=show_progress,
-                   initial=self.start_step, total=self.steps)
+    bar = progress(range(self.start_step, config.steps), desc="rl", enabled=show_progress,
+                   initial=self.start_step, total=config.steps)
     if self.setup.evaluate is not None and config.eval_every and self.start_step == 0:
       # The learning curve's first point: the initial policy, logged as step -1 (no update).
       initial = {"eval/updates": 0.0, **{f"eval/{k}": v for k, v in self.setup.evaluate(
@@ -305,21 +301,21 @@ class RLTrainer:
             f"after them. Lower rl.policy_lr / rl.value_lr or raise rl.grad_clip's strictness, "
             f"then re-run: training resumes from the last good checkpoint.")
       if self.setup.evaluate is not None and config.eval_every and (
-          (step + 1) % config.eval_every == 0 or step + 1 == self.steps):
+          (step + 1) % config.eval_every == 0 or step + 1 == config.steps):
         metrics["eval/updates"] = float(step + 1)
         metrics.update({f"eval/{k}": v for k, v in self.setup.evaluate(
             self.state["ppo"]["policy"].params, step + 1).items()})
       self.history.append({"step": step, **metrics})
       if writer is not None and (step % config.log_every == 0
-                                 or "eval/updates" in metrics or step + 1 == self.steps):
+                                 or "eval/updates" in metrics or step + 1 == config.steps):
         writer.write(step, metrics)
       bar.set_postfix(pass_rate=f"{metrics['reward/pass_rate']:.2f}",
                       kl=f"{metrics['reward/kl']:.3f}")
-      if self.snapshot_every and (step + 1) % self.snapshot_every == 0:
+      if config.snapshot_every and (step + 1) % config.snapshot_every == 0:
         self._save_snapshot(step + 1)
       last_update_skipped = nonfinite_in_a_row > 0
       if not last_update_skipped and ((step + 1) % config.checkpoint_every == 0
-                                      or step + 1 == self.steps):
+                                      or step + 1 == config.steps):
         self._save(step + 1)
     self.checkpointer.wait()
     return self.summary()
@@ -340,7 +336,7 @@ class RLTrainer:
     tail = steps[-max(1, len(steps) // 4):] if steps else []
     keys = ("reward/pass_rate", "reward/kl", "reward/lines_per_response",
             "reward/trivial_line_share", "reward/prm_score_mean", "reward/dense_reward_mean")
-    out = {"steps": self.steps}
+    out = {"steps": self.config.steps}
     for k in keys:
       values = [h[k] for h in tail if k in h]
       if values:

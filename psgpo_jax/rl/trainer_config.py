@@ -72,6 +72,11 @@ class TrainerConfig:
     """Dense rewards from the PRM (which the run then needs)."""
     return self.dense_reward and self.dense_source == "prm"
 
+  @property
+  def oracle_dense(self) -> bool:
+    """Dense rewards from the synthetic suite's first-error oracle."""
+    return self.dense_reward and self.dense_source == "oracle"
+
   def to_json(self) -> Dict[str, Any]:
     """The record as plain JSON values (kept in each checkpoint's metadata)."""
     return _plain(dataclasses.asdict(self))
