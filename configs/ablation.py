@@ -40,6 +40,16 @@ def get_config(arm: str = "both"):
   # rewards normalised by the number of lines) even the oracle's exact line credit moved
   # held-out pass@1 only on the learning curve (docs/ablation_lambda0.25/results.md).
   c.rl.reward.dense_coef_fail = 1.0
+  # ... given as progress, not summed: a line earns PRM(after) - PRM(before), the verified
+  # outcome (+-1) is the potential after the last line and -1 the one before the first, so
+  # a failing response's dense rewards sum to 0 and a passing one's to 2 * dense_coef_pass:
+  # they move credit between lines without changing the outcome's scale, and no response
+  # can farm them. Summed scores at lambda 1 were farmed within 100 steps: policies learned
+  # to stop after two or three lines the PRM rated highly (docs/rl_tuning.md, round 7; the
+  # `dense_sum` variant of experiments/ablation.py).
+  c.rl.reward.shaping = "progress"
+  c.rl.reward.shaping_baseline = -1.0
+  c.rl.reward.normalize_by_lines = False
   if size != "tiny":
     # A task mix with long responses, where the SFT policy rarely but not never solves
     # many problems (the paper's gains are for long responses): horizons 2-12 instead of

@@ -179,8 +179,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.reward.penalty_only = False     # clip dense rewards to <= 0
   c.rl.reward.credit = "sum"           # sum | min (PURE min-form credit assignment)
   c.rl.reward.shaping = "none"         # none | potential (PRM(after) - PRM(before); 0 after
-                                       # the last line: Ng et al. potential shaping)
-  c.rl.reward.shaping_baseline = 0.0   # potential shaping: PRM value before the first line
+                                       # the last line: Ng et al. potential shaping) |
+                                       # progress (the same, the outcome +-1 after the last)
+  c.rl.reward.shaping_baseline = 0.0   # potential / progress: PRM value before line 1
   c.rl.reward.kl_coef = 0.02
   c.rl.reward.kl_estimator = "k1"      # k1 | k3
   c.rl.reward.adaptive_kl = False

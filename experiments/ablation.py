@@ -1,8 +1,8 @@
 """The paper's ablation on the synthetic suite, and a report that says whether it held.
 
 Trains the four settings (no PRM / dense reward only / value init only / both) for each
-seed from ONE SFT policy and ONE PRM, plus the safeguard variants (no length
-normalisation, min-form credit) once each, then writes `<report_dir>/results.md` and PNGs
+seed from ONE SFT policy and ONE PRM, plus the reward-form variants (the paper's summed PRM
+scores, PURE's min-form credit) once each, then writes `<report_dir>/results.md` and PNGs
 next to it (experiments/ablation_report.py):
 
   python -m experiments.ablation --config configs/ablation.py --workdir runs/ablation \
@@ -38,14 +38,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", None,
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Root of the shared and per-run dirs.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "RL seeds of each of the four settings.")
 _ARMS = flags.DEFINE_string("arms", "none,dense,value,both", "Settings to train (configs/ablation.py).")
-_VARIANTS = flags.DEFINE_string("variants", "no_length_norm,min_credit",
-                                "Safeguard variants of 'both', run with the first seed ('' = none).")
+_VARIANTS = flags.DEFINE_string("variants", "dense_sum,min_credit",
+                                "Reward-form variants, run with the first seed ('' = none).")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "docs", "Where results.md and the PNGs go.")
 
 SHARED_STAGES = ("sft", "collect", "prm")
-# What each variant changes in the 'both' setting.
-VARIANTS = {"no_length_norm": {"normalize_by_lines": False},
-            "min_credit": {"credit": "min"}}
+# The paper's dense reward form: the PRM's line scores summed, normalised by the number of
+# lines (configs/ablation.py gives them as progress instead).
+SUMMED_SCORES = {"shaping": "none", "shaping_baseline": 0.0, "normalize_by_lines": True}
+# Each variant: the arm it changes and its rl.reward fields.
+VARIANTS = {"dense_sum": ("dense", SUMMED_SCORES),
+            "min_credit": ("both", {**SUMMED_SCORES, "credit": "min"})}
 
 
 # ------------------------------------------------------------------------- running
@@ -68,9 +71,9 @@ def run_plan(arms: Sequence[str], seeds: Sequence[int], variants: Sequence[str]
 def setting_config(base, setting: str, seed: int, workdir: str):
   """The pipeline config of one RL run: `base` with the setting's switches and seed."""
   config = base.copy_and_resolve_references()
-  arm = setting if setting in ARMS else "both"
+  arm, reward_fields = VARIANTS.get(setting, (setting, {}))
   apply_arm(config, arm)
-  for field, value in VARIANTS.get(setting, {}).items():
+  for field, value in reward_fields.items():
     setattr(config.rl.reward, field, value)
   config.rl.seed = seed
   config.workdir = workdir

@@ -19,8 +19,8 @@ from experiments.ablation_stats import (CURVE_METRIC, DIFFICULTY, by_horizon, co
 
 LABELS = {"none": "no PRM", "dense": "dense reward only", "value": "value init only",
           "both": "both (PSGPO)", "oracle": "oracle dense reward",
-          "no_length_norm": "both, no length normalisation",
-          "min_credit": "both, min-form credit"}
+          "dense_sum": "dense reward only, summed scores",
+          "min_credit": "both, summed scores, min-form credit"}
 CLAIMS = (("Dense PRM rewards help (dense > none)", "dense", "none"),
           ("PRM value initialisation helps (value > none)", "value", "none"),
           ("Both together beat dense only", "both", "dense"),
@@ -136,8 +136,10 @@ def _setup_lines(base_config, sft, collect, prm, runs) -> List[str]:
       f"- RL per run: {rl['steps']} steps x {rl['prompts_per_step']} prompts x "
       f"{rl['samples_per_prompt']} samples, policy lr {rl['policy_lr']}, value lr "
       f"{rl['value_lr']}, KL {rl['reward']['kl_coef']} ({rl['reward']['kl_estimator']}), "
-      f"dense λ fail/pass {reward['dense_coef_fail']}/{reward['dense_coef_pass']} "
-      "(the settings with dense rewards); "
+      f"dense λ fail/pass {reward['dense_coef_fail']}/{reward['dense_coef_pass']}, "
+      f"shaping {reward['shaping']} (baseline {reward['shaping_baseline']}), "
+      f"normalised by lines: {reward['normalize_by_lines']} (the settings with dense "
+      "rewards; the variants change this as their labels say); "
       f"{len(next(iter(runs.values())))} seed(s) per setting (seeds vary only the RL stage).",
       f"- Evaluation: {run_config['eval']['num_samples']} samples per held-out problem at "
       f"temperature {run_config['eval']['temperature']} after RL (pass@k by the unbiased "

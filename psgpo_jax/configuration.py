@@ -26,7 +26,7 @@ CHOICES = {
     "rl.dense_source": ("prm", "oracle"),
     "rl.reward.outcome": ("binary", "fraction"),
     "rl.reward.credit": ("sum", "min"),
-    "rl.reward.shaping": ("none", "potential"),
+    "rl.reward.shaping": ("none", "potential", "progress"),
     "rl.reward.kl_estimator": ("k1", "k3"),
     "eval.split": ("heldout", "train", "all"),
 }

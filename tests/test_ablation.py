@@ -19,12 +19,15 @@ def test_run_plan_is_every_arm_times_seed_then_variants_once():
 def test_setting_config_sets_switches_seed_and_only_rl_stages():
   from configs import ablation as ablation_config
   base = ablation_config.get_config("tiny")
-  config = ablation.setting_config(base, "no_length_norm", 7, "/tmp/x")
-  assert (config.rl.dense_reward, config.rl.value_init) == (True, "prm")
-  assert config.rl.reward.normalize_by_lines is False and config.rl.seed == 7
-  assert config.stages == "rl,eval" and base.rl.seed == -1        # the base is not changed
+  assert (base.rl.reward.shaping, base.rl.reward.normalize_by_lines) == ("progress", False)
+  config = ablation.setting_config(base, "dense_sum", 7, "/tmp/x")
+  assert (config.rl.dense_reward, config.rl.value_init) == (True, "policy")
+  assert (config.rl.reward.shaping, config.rl.reward.normalize_by_lines) == ("none", True)
+  assert config.rl.seed == 7 and config.stages == "rl,eval"
+  assert base.rl.seed == -1 and base.rl.reward.shaping == "progress"   # the base unchanged
   min_credit = ablation.setting_config(base, "min_credit", 3, "/tmp/z")
   assert min_credit.rl.reward.credit == "min" and min_credit.rl.value_init == "prm"
+  assert min_credit.rl.reward.shaping == "none"
   none = ablation.setting_config(base, "none", 0, "/tmp/y")
   assert (none.rl.dense_reward, none.rl.value_init) == (False, "policy")
 

@@ -193,6 +193,46 @@ def test_potential_shaping_telescopes(num_lines):
   np.testing.assert_allclose(out.sum(), 0.25 / n * 0.3, rtol=1e-5, atol=1e-6)
 
 
+
+def test_dense_progress_shaping_hand_example():
+  """"progress": as "potential", but the potential after the last line is the verified
+  outcome (+1 passed, -1 failed) on the PRM's label scale."""
+  cfg = dataclasses.replace(CFG, shaping="progress", shaping_baseline=0.1)
+  out = dense(cfg)
+  c0, c1 = 0.25 / 2, 0.025 / 4
+  want = expected({4: c0 * (0.5 - 0.1), 8: c0 * (-1.0 - 0.5)},
+                  {3: c1 * (0.8 - 0.1), 5: c1 * (0.2 - 0.8), 7: c1 * (0.4 - 0.2),
+                   9: c1 * (1.0 - 0.4)})
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_progress_shaping_pays_the_same_for_stopping_early(passed):
+  """The farm the sum form allows: a failing response that stops after a few lines the PRM
+  rates highly earns more dense reward than a long one. Under "progress" every response
+  with the same outcome earns the same total, lambda * (+-1 - baseline), however many lines
+  it wrote and however the PRM rated them."""
+  length = 40
+  def row(num_lines, score):
+    response = np.zeros((1, length), np.int32)
+    response[0, 2:2 + 2 * num_lines] = 1
+    line_end = np.zeros((1, length), np.int32)
+    line_end[0, 2 + 2 * np.arange(num_lines) + 1] = 1
+    return np.full((1, length), score, np.float32), line_end, response
+  cfg = R.RewardConfig(normalize_by_lines=False, dense_coef_fail=1.0, dense_coef_pass=1.0)
+  totals = {}
+  for shaping in ("none", "progress"):
+    for name, (num_lines, score) in {"short": (2, 0.8), "long": (12, -0.3)}.items():
+      prm, line_end, response = row(num_lines, score)
+      out = R.dense_rewards(prm, np.array([passed]), line_end, response,
+                            dataclasses.replace(cfg, shaping=shaping, shaping_baseline=-0.5))
+      totals[shaping, name] = float(np.sum(out))
+  assert totals["none", "short"] > totals["none", "long"] + 1.0
+  want = (1.0 if passed else -1.0) + 0.5
+  np.testing.assert_allclose([totals["progress", "short"], totals["progress", "long"]],
+                             [want, want], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- KL
 
 

@@ -15,9 +15,12 @@ Dense reward of line m (PSGPO, Dai et al. 2024), before the optional safeguards:
     d_m = lambda * s_m / N,   lambda = dense_coef_pass if the response passed else
                                        dense_coef_fail,
     s_m = PRM(x, y<=m)                         (shaping = "none")
-        = Phi_m - Phi_{m'}                     (shaping = "potential"; m' the previous
-                                                counted line),
-    Phi_m = PRM(x, y<=m) for m < M,   Phi_M = 0 (the last counted line ends the episode),
+        = Phi_m - Phi_{m'}                     (shaping = "potential" or "progress";
+                                                m' the previous counted line),
+    Phi_m = PRM(x, y<=m) for m < M,
+    Phi_M = 0                                  ("potential": the episode's end),
+          = +1 if the response passed else -1  ("progress": the verified outcome on the
+                                                PRM's label scale replaces its guess),
     Phi before line 1 = shaping_baseline,
     N   = number of counted lines (normalize_by_lines), else 1.
 
@@ -30,6 +33,15 @@ per-response constant that depends on the outcome (lambda) and, with normalize_b
 on the number of lines, i.e. an outcome and length reward; and with rl.gamma < 1 the
 discounted sum no longer telescopes (Ng's form would need gamma * Phi_m - Phi_{m'}). The
 PRM's score after the last line is not used.
+
+"progress" is the same telescoping sum with the verified outcome as the final potential,
+so every line earns the change it made to the estimated chance of success (the "progress"
+of process advantage verifiers, arXiv 2410.08146), the last line included: a response that
+stops after a few right-looking lines pays at its last line. Its rewards sum to
+lambda * (+-1 - shaping_baseline) / N, i.e. an extra outcome reward; no response can farm
+them. The plain sum form ("none") can be farmed: a PRM rates a short right-so-far prefix
+highly whether or not the response goes on, so at dense_coef_fail = 1 policies learn to
+stop early (docs/rl_tuning.md, round 7).
 
 Counted lines are the response's line ends, minus blank/comment-only lines when
 `skip_trivial_lines`. Then `penalty_only` clips d_m to <= 0, and `credit = "min"`
@@ -56,7 +68,7 @@ Array = jax.Array
 
 OUTCOMES = ("binary", "fraction")
 CREDITS = ("sum", "min")
-SHAPINGS = ("none", "potential")
+SHAPINGS = ("none", "potential", "progress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +86,10 @@ class RewardConfig:
     skip_trivial_lines: no dense reward on blank/comment-only lines (not counted).
     penalty_only: clip dense rewards to <= 0.
     credit: "sum" (rewards add up) or "min" (PURE min-form return-to-go).
-    shaping: "none" or "potential" (line earns PRM(after) - PRM(before); the potential
-      after the last line is 0, Ng et al. 1999).
-    shaping_baseline: PRM value before the first line, for potential shaping.
+    shaping: "none", "potential" (line earns PRM(after) - PRM(before); the potential
+      after the last line is 0, Ng et al. 1999) or "progress" (the same, with the
+      verified outcome, +1 or -1, as the potential after the last line).
+    shaping_baseline: PRM value before the first line, for potential / progress shaping.
     kl_coef: (initial) coefficient of the per-token KL penalty.
     kl_estimator: "k1" (logp - ref) or "k3" (exp(ref - logp) - (ref - logp) - 1).
     adaptive_kl: adapt kl_coef towards kl_target (Ziegler et al. 2019).
@@ -240,13 +253,16 @@ def dense_rewards(prm_scores: Array, passed: Array, line_end_mask: Array,
   scores = jnp.asarray(prm_scores, jnp.float32)
   lines = counted_line_mask(line_end_mask, response_mask, trivial_line_mask,
                             config.skip_trivial_lines)
-  coef = jnp.where(jnp.asarray(passed).astype(bool), jnp.float32(config.dense_coef_pass),
+  passed_b = jnp.asarray(passed).astype(bool)                                   # [B]
+  coef = jnp.where(passed_b, jnp.float32(config.dense_coef_pass),
                    jnp.float32(config.dense_coef_fail))                          # [B]
   if config.normalize_by_lines:
     coef = coef / jnp.maximum(jnp.sum(lines, axis=1), 1).astype(jnp.float32)
-  if config.shaping == "potential":     # Phi at the last line = 0 (terminal)
+  if config.shaping != "none":
     previous = _previous_score(scores, lines, config.shaping_baseline)
-    scores = jnp.where(last_token_mask(lines), 0.0, scores) - previous
+    terminal = (jnp.where(passed_b, 1.0, -1.0)[:, None] if config.shaping == "progress"
+                else jnp.float32(0.0))                                           # Phi_M
+    scores = jnp.where(last_token_mask(lines), terminal, scores) - previous
   line_rewards = coef[:, None] * scores
   if config.penalty_only:
     line_rewards = jnp.minimum(line_rewards, 0.0)
