@@ -12,11 +12,14 @@ replays, with the run's sampling settings (temperature, EOS, stop strings):
   * probe:   a label batch's first probe, `collect.completions` completions of the first
     half of the lines of each of those rollouts' responses (the binary search's midpoint).
 
-For each: seconds per call (best of `--repeats` after a warm-up), kept tokens per second
-(the returned rows' lengths: the work that is used), computed token slots per second
-(padded rows x decode steps the loop ran: what the decoder paid for) and their ratio, the
-share of the work that is used. The baseline is the computed slots of the same call, so
-the ratio says how much of the decoder's work a ragged batch wastes.
+For each, twice: with the run's row compaction (`sampling.compact_halvings`: the loop goes on
+with the live rows only once they fit in half the batch) and without it (compact_halvings=0,
+every padded row decoded until the longest ends: the baseline). Each prints seconds per
+call (best of `--repeats` after a warm-up), the first call's seconds (compilation
+included), kept tokens per second (the returned rows' lengths: the work that is used),
+computed token slots per second (rows x decode steps at each batch size the loop ran: what
+the decoder paid for) and the share of the work that is used. The ratio is kept tokens/s
+with compaction over without: the same tokens (the outputs are equal), sooner.
 
 Usage: python benchmarks/bench_ragged.py --run_dir runs/quickstart [--repeats 3]
 The last line printed is one JSON object.
@@ -38,29 +41,43 @@ from experiments.common import load_config                   # noqa: E402
 
 
 def workloads(ctx, config, sampler_for, params, key):
-  """{name: (sampler, prompts, prefixes)} of the rollout and probe calls."""
+  """{name: (num_samples, prompts, prefixes)} of the rollout and probe calls."""
   from psgpo_jax.lines import split_lines  # pylint: disable=import-outside-toplevel
   from psgpo_jax.rollout import encode  # pylint: disable=import-outside-toplevel
   rl = config.rl
   problems = ctx.problems["train"][:int(rl.prompts_per_step)]
   prompts = [encode(ctx.tokenizer, p.prompt) for p in problems]
-  rollout = sampler_for(int(rl.samples_per_prompt))
-  out = rollout.generate(params, prompts, key)
+  out = sampler_for(int(rl.samples_per_prompt), None).generate(params, prompts, key)
   halves, owners = [], []
   for row, text in enumerate(out.texts):
     lines = split_lines(text)
     if len(lines) > 1:
       halves.append(encode(ctx.tokenizer, "".join(lines[:len(lines) // 2])))
       owners.append(prompts[out.prompt_index[row]])
-  return {"rollout": (rollout, prompts, None),
-          "probe": (sampler_for(int(config.collect.completions)), owners, halves)}
+  return {"rollout": (int(rl.samples_per_prompt), prompts, None),
+          "probe": (int(config.collect.completions), owners, halves)}
+
+
+def computed_slots(lengths: np.ndarray, rows: int, compact_halvings: int) -> int:
+  """Token slots the decode loop computes: at each step the batch size it runs at (it
+  moves to the next of `sampling.compaction_levels` once the live rows fit)."""
+  from psgpo_jax.sampling import compaction_levels  # pylint: disable=import-outside-toplevel
+  levels, level, total = compaction_levels(rows, compact_halvings), 0, 0
+  for step in range(int(np.max(lengths))):
+    live = int(np.sum(lengths > step))
+    while level + 1 < len(levels) and live <= levels[level + 1]:
+      level += 1
+    total += levels[level]
+  return total
 
 
 def measure(sampler, params, prompts, prefixes, repeats: int) -> dict:
   """Best seconds per call and the call's kept and computed token counts."""
   from psgpo_jax.batching import bucket_length  # pylint: disable=import-outside-toplevel
   key = jax.random.PRNGKey(1)
+  start = time.perf_counter()
   out = sampler.generate(params, prompts, key, prefixes=prefixes)       # warm-up, compile
+  first = time.perf_counter() - start
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
@@ -69,8 +86,11 @@ def measure(sampler, params, prompts, prefixes, repeats: int) -> dict:
   cfg = sampler.config
   rows = bucket_length(len(prompts), cfg.batch_buckets, cfg.min_batch_bucket) * cfg.num_samples
   kept = int(np.sum(out.lengths))
-  computed = rows * int(np.max(out.lengths))      # the loop runs until its longest row ends
+  lengths = np.zeros(rows, np.int64)      # padding rows end at once
+  lengths[:len(out.lengths)] = out.lengths
+  computed = computed_slots(lengths, rows, cfg.compact_halvings)
   return {"calls_rows": int(len(out.lengths)), "padded_rows": rows, "seconds": best,
+          "first_call_seconds": first, "tokens": out.tokens,
           "kept_tokens": kept, "computed_slots": computed,
           "kept_per_s": kept / best, "computed_per_s": computed / best,
           "used_share": kept / computed,
@@ -95,27 +115,42 @@ def main() -> None:
   ctx = pipeline.RunContext(config)
   try:
     params = stages.sft_policy(ctx)
-    sampler_for = lambda n: Sampler(ctx.model_cfg,                   # noqa: E731
-                                    from_pipeline_config(config, ctx.tokenizer, n),
-                                    ctx.tokenizer)
+    base = lambda n: from_pipeline_config(config, ctx.tokenizer, n)  # noqa: E731
+    sampler_for = lambda n, compact: Sampler(                         # noqa: E731
+        ctx.model_cfg, base(n) if compact is None else base(n).replace(compact_halvings=compact),
+        ctx.tokenizer)
     calls = workloads(ctx, config, sampler_for, params, jax.random.PRNGKey(0))
-    results = {name: measure(s, params, p, r, args.repeats) for name, (s, p, r) in calls.items()}
+    compact_halvings = base(1).compact_halvings
+    results = {(name, mode): measure(sampler_for(n, compact), params, p, r, args.repeats)
+               for name, (n, p, r) in calls.items()
+               for mode, compact in (("compact", compact_halvings), ("whole", 0))}
   finally:
     ctx.close()
-  print(f"{'workload':<10}{'rows':>6}{'padded':>8}{'mean len':>10}{'max len':>9}"
-        f"{'seconds':>9}{'kept tok/s':>12}{'computed/s':>12}{'used':>7}")
-  for name, r in results.items():
-    print(f"{name:<10}{r['calls_rows']:>6}{r['padded_rows']:>8}{r['mean_length']:>10.1f}"
-          f"{r['max_length']:>9}{r['seconds']:>9.3f}{r['kept_per_s']:>12.0f}"
+  for name in calls:
+    if not np.array_equal(results[name, "compact"]["tokens"], results[name, "whole"]["tokens"]):
+      sys.exit(f"{name}: compaction changed the sampled tokens; the sampler has a bug.")
+  print(f"sampling.compact_halvings={compact_halvings} (compact) against 0 (whole)")
+  print(f"{'workload':<10}{'mode':>8}{'rows':>6}{'padded':>8}{'mean len':>10}{'max len':>9}"
+        f"{'seconds':>9}{'1st call':>9}{'kept tok/s':>12}{'computed/s':>12}{'used':>7}")
+  for (name, mode), r in results.items():
+    print(f"{name:<10}{mode:>8}{r['calls_rows']:>6}{r['padded_rows']:>8}"
+          f"{r['mean_length']:>10.1f}{r['max_length']:>9}{r['seconds']:>9.3f}"
+          f"{r['first_call_seconds']:>9.2f}{r['kept_per_s']:>12.0f}"
           f"{r['computed_per_s']:>12.0f}{r['used_share']:>7.2f}")
+  summary = {}
+  for name in calls:
+    compact, whole = results[name, "compact"], results[name, "whole"]
+    summary[name] = {"ours": round(compact["kept_per_s"], 1),
+                     "baseline": round(whole["kept_per_s"], 1),
+                     "ratio": round(compact["kept_per_s"] / whole["kept_per_s"], 3),
+                     "used_share": round(compact["used_share"], 3),
+                     "baseline_used_share": round(whole["used_share"], 3),
+                     "seconds": round(compact["seconds"], 4),
+                     "baseline_seconds": round(whole["seconds"], 4),
+                     "rows": compact["calls_rows"], "padded_rows": compact["padded_rows"]}
   print(json.dumps({"benchmark": "sampler_ragged",
-                    "metric": "kept tokens/s (ours) vs computed token slots/s (baseline)",
-                    **{name: {"ours": round(r["kept_per_s"], 1),
-                              "baseline": round(r["computed_per_s"], 1),
-                              "ratio": round(r["used_share"], 3),
-                              "seconds": round(r["seconds"], 4), "rows": r["calls_rows"],
-                              "padded_rows": r["padded_rows"]}
-                       for name, r in results.items()}}))
+                    "metric": "kept tokens/s with row compaction (ours) vs without (baseline)",
+                    **summary}))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
                                        # when larger)
   c.sampling.stop_strings = "auto"      # comma-separated; auto = the data source's and
                                        # prompt format's own (data/prompts.py STOP_STRINGS)
+  c.sampling.compact_halvings = 2      # decode on the live rows only once they fit in half
+                                       # the batch, up to this many halvings (0 = never)
 
   # --- supervised warm-up ---------------------------------------------------------------
   c.sft = ml_collections.ConfigDict()

@@ -11,7 +11,10 @@ How it runs:
 - One jitted call does everything on device: prefill of the whole prompt in one forward
   pass (logits of the last position only), then `jnp.repeat` of its KV cache over the
   `num_samples` rows, then a `jax.lax.while_loop` that samples one token per step and
-  exits as soon as every row is done.
+  exits as soon as every row is done. Rows that have ended are compacted out: once the
+  live rows fit in half the batch, they are gathered (cache, keys, state) into a batch
+  of half the size and the loop goes on there (`sampling.compact_halvings` times at
+  most; the outputs are scattered back, so they do not change).
 - Randomness is keyed per row and per step (`fold_in(fold_in(rng, row), step)`), so a row's
   sample does not depend on the batch it shares, on padding, or on the mesh.
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +83,7 @@ class _Static:
   use_stop: bool
   stop_match_state: int
   pad_id: int
+  compact_halvings: int
 
 
 def _prefill_last(module: CausalLM, tokens, positions, kv_mask, cache):
@@ -139,6 +143,47 @@ def _next_tokens(static: _Static, logits: Array, u: Array, done: Array, stop_sta
   return tok, logp, live, reason, done | is_eos | is_stop, stop_state
 
 
+def _uniforms(keys: Array, step) -> Array:
+  """One uniform per row for decode step `step`: [B] keys -> [B] float32."""
+  return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
+
+
+class _DecodeRows(NamedTuple):
+  """The decode loop's per-row state; row i of every field is the batch row index[i]."""
+  index: Array        # [R] int32, the row's index in the full batch
+  keys: Array         # [R] PRNG keys
+  kv_mask: Array      # [R, L+M]
+  cache: Any          # per layer ([R, KV, L+M, Dh], [R, KV, L+M, Dh])
+  tok: Array          # [R] the last token
+  pos: Array          # [R] its position
+  lengths: Array      # [R] tokens made
+  done: Array         # [R] bool
+  stop_state: Array   # [R]
+  out_tok: Array      # [R, M]
+  out_logp: Array     # [R, M]
+  reasons: Array      # [R] FINISH_*
+
+
+def _gather_rows(state: _DecodeRows, order: Array) -> _DecodeRows:
+  """The rows `order` [R'] of every field (the cache along its batch axis)."""
+  return jax.tree.map(lambda x: jnp.take(x, order, axis=0), state)
+
+
+def compaction_levels(rows: int, halvings: int, min_rows: int = 8) -> Tuple[int, ...]:
+  """The batch sizes the decode loop runs at: rows, then up to `halvings` halves of at
+  least `min_rows` rows.
+
+  The loop moves to the next size as soon as the rows still decoding fit in it, so ended
+  rows stop costing work. Each size is one more loop body to compile, so a few halvings
+  (where most of the waste is) pay best. E.g. (512, 2) -> (512, 256, 128).
+  """
+  levels = [rows]
+  while (len(levels) <= halvings and levels[-1] % 2 == 0
+         and levels[-1] // 2 >= min_rows):
+    levels.append(levels[-1] // 2)
+  return tuple(levels)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
               rules: Optional[Tuple[Tuple[str, Any], ...]]):
@@ -186,34 +231,42 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
     kv_mask, logits, pos = jax.tree.map(constrain, (kv_mask, logits, pos))
     rows = logits.shape[0]
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, first_row + jnp.arange(rows))
-    uniforms = lambda step: jax.vmap(
-        lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
-
     tok, logp, live, reasons, done, stop_state = _next_tokens(
-        static, logits, uniforms(0), ~valid, stop_state, stop_table)
+        static, logits, _uniforms(row_keys, 0), ~valid, stop_state, stop_table)
     out_tok = jnp.full((rows, m), static.pad_id, jnp.int32).at[:, 0].set(tok)
     out_logp = jnp.zeros((rows, m), jnp.float32).at[:, 0].set(logp)
+    state = _DecodeRows(index=jnp.arange(rows), keys=row_keys, kv_mask=kv_mask, cache=cache,
+                        tok=tok, pos=pos, lengths=live.astype(jnp.int32), done=done,
+                        stop_state=stop_state, out_tok=out_tok, out_logp=out_logp,
+                        reasons=reasons)
+    full = (out_tok, out_logp, state.lengths, reasons)
+    levels = (rows,) if mesh is not None else compaction_levels(rows, static.compact_halvings)
+    step = jnp.int32(1)
+    for level, next_rows in zip(levels, levels[1:] + (0,)):
+      if level < rows:
+        state = _gather_rows(state, jnp.argsort(state.done, stable=True)[:level])
 
-    def cond(carry):
-      step, done = carry[0], carry[5]
-      return (step < m) & ~jnp.all(done)
+      def cond(carry, next_rows=next_rows):
+        step, rows_state = carry
+        return ((step < m) & ~jnp.all(rows_state.done)
+                & (jnp.sum(~rows_state.done) > next_rows))
 
-    def body(carry):
-      step, cache, tok, pos, lengths, done, stop_state, out_tok, out_logp, reasons = carry
-      logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], kv_mask,
-                                  cache, length + step - 1, method="decode")
-      cache = constrain_cache(cache)
-      tok, logp, live, reason, done, stop_state = _next_tokens(
-          static, logits[:, 0], uniforms(step), done, stop_state, stop_table)
-      out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, tok[:, None], step, axis=1)
-      out_logp = jax.lax.dynamic_update_slice_in_dim(out_logp, logp[:, None], step, axis=1)
-      return (step + 1, cache, tok, pos + 1, lengths + live, done, stop_state, out_tok,
-              out_logp, jnp.where(live, reason, reasons))
+      def body(carry):
+        step, r = carry
+        logits, cache = model.apply({"params": params}, r.tok[:, None], r.pos[:, None],
+                                    r.kv_mask, r.cache, length + step - 1, method="decode")
+        tok, logp, live, reason, done, stop_state = _next_tokens(
+            static, logits[:, 0], _uniforms(r.keys, step), r.done, r.stop_state, stop_table)
+        write = lambda out, x: jax.lax.dynamic_update_slice_in_dim(out, x[:, None], step, 1)
+        return step + 1, r._replace(
+            cache=constrain_cache(cache), tok=tok, pos=r.pos + 1, lengths=r.lengths + live,
+            done=done, stop_state=stop_state, out_tok=write(r.out_tok, tok),
+            out_logp=write(r.out_logp, logp), reasons=jnp.where(live, reason, r.reasons))
 
-    carry = (jnp.int32(1), cache, tok, pos, live.astype(jnp.int32), done, stop_state,
-             out_tok, out_logp, reasons)
-    _, _, _, _, lengths, _, _, out_tok, out_logp, reasons = jax.lax.while_loop(cond, body, carry)
-    return out_tok, out_logp, lengths, reasons
+      step, state = jax.lax.while_loop(cond, body, (step, state))
+      full = tuple(f.at[state.index].set(x) for f, x in zip(
+          full, (state.out_tok, state.out_logp, state.lengths, state.reasons)))
+    return full
 
   return jax.jit(run)
 
@@ -258,7 +311,7 @@ class Sampler:
         num_samples=config.num_samples, eos_ids=self.eos_ids,
         use_stop=self.matcher is not None,
         stop_match_state=self.matcher.match_state if self.matcher else -1,
-        pad_id=int(config.pad_id))
+        pad_id=int(config.pad_id), compact_halvings=int(config.compact_halvings))
     self._decode = decode_fn(tokenizer) if tokenizer is not None else None
 
   @property

@@ -31,6 +31,10 @@ class SamplingConfig:
     prompt_buckets: explicit padded prompt lengths (sorted); () = powers of two.
     min_batch_bucket: smallest padded number of prompts; () below = powers of two.
     batch_buckets: explicit padded numbers of prompts (sorted).
+    compact_halvings: once the rows still decoding fit in half the batch, the loop goes
+      on with those rows only; it halves the batch up to this many times, never below 8
+      rows (`sampling.compaction_levels`; 0 = never; not under a mesh). Outputs are the
+      same; each halving adds one loop body to compile.
   """
   max_new_tokens: int = 128
   temperature: float = 1.0
@@ -45,6 +49,7 @@ class SamplingConfig:
   prompt_buckets: Tuple[int, ...] = ()
   min_batch_bucket: int = 1
   batch_buckets: Tuple[int, ...] = ()
+  compact_halvings: int = 2
 
   def __post_init__(self):
     for name in ("eos_ids", "stop_strings", "prompt_buckets", "batch_buckets"):
@@ -59,6 +64,9 @@ class SamplingConfig:
       raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 = off).")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1].")
+    if self.compact_halvings < 0:
+      raise ValueError(f"sampling.compact_halvings={self.compact_halvings} must be >= 0 "
+                       "(0 = off).")
     if self.num_samples < 1:
       raise ValueError(f"sampling.num_samples={self.num_samples} must be >= 1.")
     if any(not s for s in self.stop_strings):

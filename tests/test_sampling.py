@@ -378,6 +378,28 @@ def test_left_padding_of_mixed_length_prompts_does_not_change_results(model, tok
   np.testing.assert_allclose(batch.logprobs[0], alone.logprobs[0], atol=1e-5)
 
 
+def test_compacting_ended_rows_out_of_the_batch_changes_no_output(model, tokenizer):
+  """With ragged endings (EOS, stop strings, the length limit), a loop that drops ended
+  rows as the batch halves makes exactly the rows of one that decodes them all."""
+  cfg, params = model
+  assert sampling.compaction_levels(64, 2) == (64, 32, 16)
+  assert sampling.compaction_levels(48, 9) == (48, 24, 12) == sampling.compaction_levels(48, 3)
+  assert sampling.compaction_levels(64, 0) == (64,) == sampling.compaction_levels(64, 9, 64)
+  prompts, prefixes = _prefix_case(tokenizer)
+  prompts, prefixes = prompts * 2, prefixes * 2
+  config = BASE.replace(num_samples=5, stop_strings=("(", "e"), eos_ids=(7, 8, 9),
+                        temperature=1.5)
+  rng = jax.random.PRNGKey(21)
+  whole = generate(params, cfg, prompts, rng, config.replace(compact_halvings=0), tokenizer,
+                   prefixes=prefixes)
+  compact = generate(params, cfg, prompts, rng, config.replace(compact_halvings=3), tokenizer,
+                     prefixes=prefixes)
+  _assert_same(compact, whole)
+  lengths = np.sort(whole.lengths)                # 40 rows (30 real): most end early
+  assert lengths[len(lengths) // 2] < M // 2 and lengths[-1] > lengths[len(lengths) // 2] + 3
+  assert {"stop", "eos"} <= set(whole.finish_reason)
+
+
 def test_sharded_over_the_data_axis_matches_one_device(model, tokenizer):
   cfg, params = model
   assert jax.device_count() == 8
