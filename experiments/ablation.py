@@ -39,7 +39,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Root of the shared a
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "RL seeds of each of the four settings.")
 _ARMS = flags.DEFINE_string("arms", "none,dense,value,both", "Settings to train (configs/ablation.py).")
 _VARIANTS = flags.DEFINE_string("variants", "dense_sum,min_credit",
-                                "Reward-form variants, run with the first seed ('' = none).")
+                                "Reward-form variants ('' = none).")
+_VARIANT_SEEDS = flags.DEFINE_string("variant_seeds", "",
+                                     "Seeds of the variants ('' = the first of --seeds).")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "docs", "Where results.md and the PNGs go.")
 
 SHARED_STAGES = ("sft", "collect", "prm")
@@ -54,9 +56,10 @@ VARIANTS = {"dense_sum": ("dense", SUMMED_SCORES),
 # ------------------------------------------------------------------------- running
 
 
-def run_plan(arms: Sequence[str], seeds: Sequence[int], variants: Sequence[str]
-             ) -> List[Tuple[str, int]]:
-  """(setting, seed) pairs: every arm x seed, then each variant with the first seed."""
+def run_plan(arms: Sequence[str], seeds: Sequence[int], variants: Sequence[str],
+             variant_seeds: Sequence[int] = ()) -> List[Tuple[str, int]]:
+  """(setting, seed) pairs: every arm x seed, then each variant x variant seed (by
+  default the first seed only)."""
   for name in arms:
     if name not in ARMS:
       raise ValueError(f"Unknown arm {name!r}; choose from {sorted(ARMS)}.")
@@ -65,7 +68,8 @@ def run_plan(arms: Sequence[str], seeds: Sequence[int], variants: Sequence[str]
       raise ValueError(f"Unknown variant {name!r}; choose from {sorted(VARIANTS)}.")
   if not seeds:
     raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2.")
-  return [(a, s) for a in arms for s in seeds] + [(v, seeds[0]) for v in variants]
+  return ([(a, s) for a in arms for s in seeds]
+          + [(v, s) for v in variants for s in (variant_seeds or seeds[:1])])
 
 
 def setting_config(base, setting: str, seed: int, workdir: str):
@@ -119,7 +123,8 @@ def main(argv) -> None:
   seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
   arms = [a for a in _ARMS.value.split(",") if a.strip()]
   variants = [v for v in _VARIANTS.value.split(",") if v.strip()]
-  plan = run_plan(arms, seeds, variants)
+  variant_seeds = [int(s) for s in _VARIANT_SEEDS.value.split(",") if s.strip()]
+  plan = run_plan(arms, seeds, variants, variant_seeds)
   run_all(_CONFIG.value, root, plan)
   command = "python -m experiments.ablation " + shlex.join(sys.argv[1:])
   path = write_report(root, collect_runs(root, plan), os.path.abspath(_REPORT_DIR.value),

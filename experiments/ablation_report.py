@@ -27,6 +27,8 @@ CLAIMS = (("Dense PRM rewards help (dense > none)", "dense", "none"),
           ("Both together beat value init only", "both", "value"),
           ("Both together beat no PRM", "both", "none"),
           ("Oracle dense rewards help (oracle > none): the upper bound", "oracle", "none"),
+          ("Summed PRM scores are farmed (dense_sum - none)", "dense_sum", "none"),
+          ("Progress beats summed scores (dense - dense_sum)", "dense", "dense_sum"),
           ("The learned PRM's dense rewards reach the oracle's (dense - oracle)", "dense", "oracle"),
           ("PSGPO reaches the oracle's dense rewards (both - oracle)", "both", "oracle"))
 

@@ -8,6 +8,8 @@ from experiments import ablation, ablation_stats
 def test_run_plan_is_every_arm_times_seed_then_variants_once():
   plan = ablation.run_plan(["none", "both"], [3, 4], ["min_credit"])
   assert plan == [("none", 3), ("none", 4), ("both", 3), ("both", 4), ("min_credit", 3)]
+  assert ablation.run_plan(["none"], [3, 4], ["dense_sum"], [0, 1])[-2:] == [
+      ("dense_sum", 0), ("dense_sum", 1)]
   with pytest.raises(ValueError, match="Unknown arm 'nope'"):
     ablation.run_plan(["nope"], [0], [])
   with pytest.raises(ValueError, match="Unknown variant"):
