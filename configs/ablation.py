@@ -36,20 +36,23 @@ def get_config(arm: str = "both"):
     raise ValueError(f"Unknown ablation arm {arm!r}; choose one of {sorted(ARMS)}.")
   c = quickstart.get_config(size)
   c.workdir = f"runs/ablation_{arm}"
-  # Dense line rewards as large as the outcome's spread: at the paper's 0.25 (with the
-  # rewards normalised by the number of lines) even the oracle's exact line credit moved
-  # held-out pass@1 only on the learning curve (docs/ablation_lambda0.25/results.md).
-  c.rl.reward.dense_coef_fail = 1.0
-  # ... given as progress, not summed: a line earns PRM(after) - PRM(before), the verified
-  # outcome (+-1) is the potential after the last line and -1 the one before the first, so
-  # a failing response's dense rewards sum to 0 and a passing one's to 2 * dense_coef_pass:
-  # they move credit between lines without changing the outcome's scale, and no response
-  # can farm them. Summed scores at lambda 1 were farmed within 100 steps: policies learned
-  # to stop after two or three lines the PRM rated highly (docs/rl_tuning.md, round 7; the
-  # `dense_sum` variant of experiments/ablation.py).
-  c.rl.reward.shaping = "progress"
-  c.rl.reward.shaping_baseline = -1.0
+  # Dense line rewards with partial credit that cannot be farmed (docs/rl_tuning.md,
+  # rounds 7-8; the variants of experiments/ablation.py keep the other forms):
+  # - summed PRM scores normalised by the number of lines (the paper's form; v4 at
+  #   lambda 1: the oracle's partial credit helped) were farmed in v5 within 100 steps:
+  #   policies learned to stop after two or three lines the PRM rated highly (dense_sum);
+  # - as progress (PRM(after) - PRM(before), the outcome after the last line) nothing can
+  #   be farmed, but a failing response's rewards sum to 0: no partial credit, and the
+  #   oracle's exact line credit then added about nothing to what the critic learns
+  #   (oracle_progress);
+  # - first_error: a failure earns for each line right before its first wrong one (the
+  #   PRM's first score below 0; stopping short counts as an error at the last line) and
+  #   nothing after it. Unnormalised, so lambda_fail = 0.1: ten right lines earn about
+  #   as much as a pass, which still earns more.
+  c.rl.reward.credit = "first_error"
   c.rl.reward.normalize_by_lines = False
+  c.rl.reward.dense_coef_fail = 0.1
+  c.rl.reward.dense_coef_pass = 0.01
   if size != "tiny":
     # A task mix with long responses, where the SFT policy rarely but not never solves
     # many problems (the paper's gains are for long responses): horizons 2-12 instead of

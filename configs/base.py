@@ -179,7 +179,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.reward.normalize_by_lines = True
   c.rl.reward.skip_trivial_lines = True
   c.rl.reward.penalty_only = False     # clip dense rewards to <= 0
-  c.rl.reward.credit = "sum"           # sum | min (PURE min-form credit assignment)
+  c.rl.reward.credit = "sum"           # sum | min (PURE min-form credit assignment) |
+                                       # first_error (sum up to the first line scored < 0)
   c.rl.reward.shaping = "none"         # none | potential (PRM(after) - PRM(before); 0 after
                                        # the last line: Ng et al. potential shaping) |
                                        # progress (the same, the outcome +-1 after the last)

@@ -38,18 +38,24 @@ _CONFIG = config_flags.DEFINE_config_file("config", None,
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Root of the shared and per-run dirs.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "RL seeds of each of the four settings.")
 _ARMS = flags.DEFINE_string("arms", "none,dense,value,both", "Settings to train (configs/ablation.py).")
-_VARIANTS = flags.DEFINE_string("variants", "dense_sum,min_credit",
+_VARIANTS = flags.DEFINE_string("variants", "dense_sum,oracle_progress",
                                 "Reward-form variants ('' = none).")
 _VARIANT_SEEDS = flags.DEFINE_string("variant_seeds", "",
                                      "Seeds of the variants ('' = the first of --seeds).")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "docs", "Where results.md and the PNGs go.")
 
 SHARED_STAGES = ("sft", "collect", "prm")
-# The paper's dense reward form: the PRM's line scores summed, normalised by the number of
-# lines (configs/ablation.py gives them as progress instead).
-SUMMED_SCORES = {"shaping": "none", "shaping_baseline": 0.0, "normalize_by_lines": True}
+# The other dense reward forms (configs/ablation.py gives first-error credit), with the
+# weights they ran at: the paper's (line scores summed, normalised by the number of lines)
+# and progress (PRM(after) - PRM(before), the outcome +-1 after the last line, -1 before
+# the first).
+SUMMED_SCORES = {"credit": "sum", "shaping": "none", "shaping_baseline": 0.0,
+                 "normalize_by_lines": True, "dense_coef_fail": 1.0, "dense_coef_pass": 0.025}
+PROGRESS = {"credit": "sum", "shaping": "progress", "shaping_baseline": -1.0,
+            "normalize_by_lines": False, "dense_coef_fail": 1.0, "dense_coef_pass": 0.025}
 # Each variant: the arm it changes and its rl.reward fields.
 VARIANTS = {"dense_sum": ("dense", SUMMED_SCORES),
+            "oracle_progress": ("oracle", PROGRESS),
             "min_credit": ("both", {**SUMMED_SCORES, "credit": "min"})}
 
 

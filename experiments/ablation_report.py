@@ -20,6 +20,7 @@ from experiments.ablation_stats import (CURVE_METRIC, DIFFICULTY, by_horizon, co
 LABELS = {"none": "no PRM", "dense": "dense reward only", "value": "value init only",
           "both": "both (PSGPO)", "oracle": "oracle dense reward",
           "dense_sum": "dense reward only, summed scores",
+          "oracle_progress": "oracle dense reward as progress",
           "min_credit": "both, summed scores, min-form credit"}
 CLAIMS = (("Dense PRM rewards help (dense > none)", "dense", "none"),
           ("PRM value initialisation helps (value > none)", "value", "none"),
@@ -28,7 +29,9 @@ CLAIMS = (("Dense PRM rewards help (dense > none)", "dense", "none"),
           ("Both together beat no PRM", "both", "none"),
           ("Oracle dense rewards help (oracle > none): the upper bound", "oracle", "none"),
           ("Summed PRM scores are farmed (dense_sum - none)", "dense_sum", "none"),
-          ("Progress beats summed scores (dense - dense_sum)", "dense", "dense_sum"),
+          ("First-error credit beats summed scores (dense - dense_sum)", "dense", "dense_sum"),
+          ("The oracle's first-error credit beats its progress (oracle - oracle_progress)",
+           "oracle", "oracle_progress"),
           ("The learned PRM's dense rewards reach the oracle's (dense - oracle)", "dense", "oracle"),
           ("PSGPO reaches the oracle's dense rewards (both - oracle)", "both", "oracle"))
 

@@ -25,7 +25,7 @@ CHOICES = {
     "rl.advantage": ("gae", "rloo", "grpo", "reinforce"),
     "rl.dense_source": ("prm", "oracle"),
     "rl.reward.outcome": ("binary", "fraction"),
-    "rl.reward.credit": ("sum", "min"),
+    "rl.reward.credit": ("sum", "min", "first_error"),
     "rl.reward.shaping": ("none", "potential", "progress"),
     "rl.reward.kl_estimator": ("k1", "k3"),
     "eval.split": ("heldout", "train", "all"),

@@ -21,12 +21,15 @@ def test_run_plan_is_every_arm_times_seed_then_variants_once():
 def test_setting_config_sets_switches_seed_and_only_rl_stages():
   from configs import ablation as ablation_config
   base = ablation_config.get_config("tiny")
-  assert (base.rl.reward.shaping, base.rl.reward.normalize_by_lines) == ("progress", False)
+  assert (base.rl.reward.credit, base.rl.reward.normalize_by_lines) == ("first_error", False)
   config = ablation.setting_config(base, "dense_sum", 7, "/tmp/x")
   assert (config.rl.dense_reward, config.rl.value_init) == (True, "policy")
   assert (config.rl.reward.shaping, config.rl.reward.normalize_by_lines) == ("none", True)
   assert config.rl.seed == 7 and config.stages == "rl,eval"
-  assert base.rl.seed == -1 and base.rl.reward.shaping == "progress"   # the base unchanged
+  assert (config.rl.reward.credit, config.rl.reward.dense_coef_fail) == ("sum", 1.0)
+  assert base.rl.seed == -1 and base.rl.reward.credit == "first_error"  # base unchanged
+  progress = ablation.setting_config(base, "oracle_progress", 1, "/tmp/p")
+  assert (progress.rl.dense_source, progress.rl.reward.shaping) == ("oracle", "progress")
   min_credit = ablation.setting_config(base, "min_credit", 3, "/tmp/z")
   assert min_credit.rl.reward.credit == "min" and min_credit.rl.value_init == "prm"
   assert min_credit.rl.reward.shaping == "none"

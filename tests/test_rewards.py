@@ -233,6 +233,68 @@ def test_progress_shaping_pays_the_same_for_stopping_early(passed):
                              [want, want], rtol=1e-5)
 
 
+
+def _first_error_reference(scores, lines, passed):
+  """NumPy loop: keep line scores up to the first negative one; a failing row with none
+  has its last line scored -1."""
+  out = np.zeros_like(scores)
+  for b in range(scores.shape[0]):
+    idx = np.nonzero(lines[b])[0]
+    vals = scores[b, idx].copy()
+    if not passed[b] and len(idx) and not (vals < 0).any():
+      vals[-1] = -1.0
+    for t, v in zip(idx, vals):
+      out[b, t] = v
+      if v < 0:
+        break
+  return out
+
+
+def test_first_error_credit_matches_numpy_on_random_rows():
+  rng = np.random.default_rng(3)
+  batch, length = 7, 30
+  response = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    response[b, rng.integers(0, 6):rng.integers(20, 31)] = 1
+  line_end = (rng.random((batch, length)) < 0.35).astype(np.int32)
+  trivial = line_end * (rng.random((batch, length)) < 0.2)
+  prm = rng.uniform(-0.4, 1.0, size=(batch, length)).astype(np.float32)
+  passed = np.array([False, True, False, False, True, False, False])
+  cfg = dataclasses.replace(CFG, credit="first_error", normalize_by_lines=False,
+                            dense_coef_fail=0.5, dense_coef_pass=0.1)
+  out = np.asarray(R.dense_rewards(prm, passed, line_end, response, cfg, trivial))
+  lines = line_end.astype(bool) & response.astype(bool) & ~trivial.astype(bool)
+  lam = np.where(passed, 0.1, 0.5)[:, None]
+  np.testing.assert_allclose(out, lam * _first_error_reference(prm, lines, passed),
+                             rtol=1e-6, atol=1e-7)
+  assert (out < 0).any(axis=1)[~passed].all()    # every failing row pays somewhere
+  with pytest.raises(ValueError, match="first_error"):
+    R.RewardConfig(credit="first_error", shaping="progress")
+
+
+def test_first_error_credit_pays_for_how_far_a_failure_got_right_and_nothing_else():
+  """Oracle-style labels (+1 right, -1 from the first wrong line on) of failing
+  responses: the dense return is (right lines) - 1 whether the response stopped early or
+  went on writing wrong lines, so it grows with the progress and cannot be farmed by
+  stopping or by writing on."""
+  length = 40
+  def total(labels):
+    n = len(labels)
+    response = np.zeros((1, length), np.int32)
+    response[0, :2 * n] = 1
+    line_end = np.zeros((1, length), np.int32)
+    line_end[0, 2 * np.arange(n) + 1] = 1
+    prm = np.zeros((1, length), np.float32)
+    prm[0, 2 * np.arange(n) + 1] = labels
+    cfg = R.RewardConfig(credit="first_error", normalize_by_lines=False,
+                         dense_coef_fail=1.0)
+    return float(np.sum(R.dense_rewards(prm, np.array([False]), line_end, response, cfg)))
+  # Stopping after two right lines is an error at the second line.
+  assert total([1, 1]) == total([1, -1]) == total([1, -1, -1, -1, -1]) == 0.0
+  assert total([1, 1, -1]) == total([1, 1, -1, -1, -1, -1]) == 1.0
+  assert total([1, 1, 1, 1, 1, -1, -1]) == 4.0
+
+
 # ----------------------------------------------------------------------------- KL
 
 

@@ -52,6 +52,15 @@ q_m = min_{k >= m} d_k (suffix minimum over counted lines, q_{M+1} = 0), line m 
 
 i.e. the undiscounted dense return-to-go from line m is the minimum of the remaining
 weighted PRM rewards rather than their sum. Every d'_m with m < M is <= 0.
+
+`credit = "first_error"` keeps the sum form's partial credit (a response earns for every
+line the PRM judges right) but closes the two ways to farm it: only the lines up to the
+first one scored below 0 count (that line pays its score; the lines after it earn
+nothing, so going on after an error neither pays nor costs), and a failing response
+with no such line has its last line scored -1 (it stopped, or ended, where it should
+have gone on: the prefix was right, the response is not). With normalize_by_lines off,
+a failing response's dense return then grows with how far it got right and nothing
+else; stopping early is worth exactly an error at that line.
 """
 from __future__ import annotations
 
@@ -67,7 +76,7 @@ from psgpo_jax.rl.kl import KL_ESTIMATORS, kl_estimate
 Array = jax.Array
 
 OUTCOMES = ("binary", "fraction")
-CREDITS = ("sum", "min")
+CREDITS = ("sum", "min", "first_error")
 SHAPINGS = ("none", "potential", "progress")
 
 
@@ -85,7 +94,8 @@ class RewardConfig:
     normalize_by_lines: divide dense rewards by the number of counted lines.
     skip_trivial_lines: no dense reward on blank/comment-only lines (not counted).
     penalty_only: clip dense rewards to <= 0.
-    credit: "sum" (rewards add up) or "min" (PURE min-form return-to-go).
+    credit: "sum" (rewards add up), "min" (PURE min-form return-to-go) or
+      "first_error" (sum up to the first line scored below 0; see the module docstring).
     shaping: "none", "potential" (line earns PRM(after) - PRM(before); the potential
       after the last line is 0, Ng et al. 1999) or "progress" (the same, with the
       verified outcome, +1 or -1, as the potential after the last line).
@@ -121,6 +131,9 @@ class RewardConfig:
                           ("kl_estimator", KL_ESTIMATORS)):
       if getattr(self, name) not in choices:
         raise ValueError(f"rl.reward.{name}={getattr(self, name)!r}; choose one of {choices}.")
+    if self.credit == "first_error" and self.shaping != "none":
+      raise ValueError("rl.reward.credit='first_error' sums line scores: it needs "
+                       f"rl.reward.shaping='none', not {self.shaping!r}.")
     if self.kl_coef < 0:
       raise ValueError(f"rl.reward.kl_coef={self.kl_coef} must be >= 0.")
     if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
@@ -235,6 +248,26 @@ def min_form_credit(line_rewards: Array, lines: Array) -> Array:
   return jnp.where(lines, suffix_min - after, 0.0).astype(jnp.float32)
 
 
+def first_error_scores(scores: Array, lines: Array, passed: Array) -> Array:
+  """Line scores up to the first line scored below 0, 0 after it; a failing response
+  with no such line has its last line scored -1.
+
+  Args:
+    scores: [B, T] float, line scores on the [-1, 1] label scale (read at `lines`).
+    lines: [B, T] bool, the counted line ends.
+    passed: [B] bool.
+  Returns:
+    [B, T] float32, the kept scores at line positions, 0 elsewhere.
+  """
+  wrong = lines & (scores < 0)
+  unflagged_failure = ~jnp.any(wrong, axis=1, keepdims=True) & ~passed[:, None]
+  stop = last_token_mask(lines) & unflagged_failure
+  scores = jnp.where(stop, -1.0, scores)
+  wrong = wrong | stop
+  wrong_before = jnp.cumsum(wrong, axis=1) - wrong                    # errors strictly before t
+  return jnp.where(lines & (wrong_before == 0), scores, 0.0).astype(jnp.float32)
+
+
 def dense_rewards(prm_scores: Array, passed: Array, line_end_mask: Array,
                   response_mask: Array, config: RewardConfig,
                   trivial_line_mask: Optional[Array] = None) -> Array:
@@ -258,6 +291,8 @@ def dense_rewards(prm_scores: Array, passed: Array, line_end_mask: Array,
                    jnp.float32(config.dense_coef_fail))                          # [B]
   if config.normalize_by_lines:
     coef = coef / jnp.maximum(jnp.sum(lines, axis=1), 1).astype(jnp.float32)
+  if config.credit == "first_error":
+    scores = first_error_scores(scores, lines, passed_b)
   if config.shaping != "none":
     previous = _previous_score(scores, lines, config.shaping_baseline)
     terminal = (jnp.where(passed_b, 1.0, -1.0)[:, None] if config.shaping == "progress"
