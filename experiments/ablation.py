@@ -43,6 +43,9 @@ _VARIANTS = flags.DEFINE_string("variants", "dense_sum,oracle_progress",
 _VARIANT_SEEDS = flags.DEFINE_string("variant_seeds", "",
                                      "Seeds of the variants ('' = the first of --seeds).")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "docs", "Where results.md and the PNGs go.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
+                                 "Train nothing: write the report from the planned runs that "
+                                 "have finished (the report so far of an ablation in parts).")
 
 SHARED_STAGES = ("sft", "collect", "prm")
 # The other dense reward forms (configs/ablation.py gives first-error credit), with the
@@ -91,6 +94,12 @@ def setting_config(base, setting: str, seed: int, workdir: str):
   return config
 
 
+def run_finished(run_dir: str) -> bool:
+  """Whether a run's RL and evaluation stages have finished (their result files exist)."""
+  return all(os.path.exists(os.path.join(run_dir, stage, name))
+             for stage in ("rl", "eval") for name in ("result.json",))
+
+
 def link_shared(shared_dir: str, run_dir: str) -> None:
   """Points a run dir's tokenizer and shared stage outputs at the shared run's."""
   os.makedirs(run_dir, exist_ok=True)
@@ -131,7 +140,17 @@ def main(argv) -> None:
   variants = [v for v in _VARIANTS.value.split(",") if v.strip()]
   variant_seeds = [int(s) for s in _VARIANT_SEEDS.value.split(",") if s.strip()]
   plan = run_plan(arms, seeds, variants, variant_seeds)
-  run_all(_CONFIG.value, root, plan)
+  if _REPORT_ONLY.value:
+    missing = [(s, k) for s, k in plan if not run_finished(os.path.join(root, s, f"seed{k}"))]
+    if missing:
+      print(f"report_only: {len(missing)} planned run(s) not finished, left out: "
+            + ", ".join(f"{s}/seed{k}" for s, k in missing))
+    plan = [p for p in plan if p not in missing]
+    if not plan:
+      sys.exit(f"report_only: no planned run has finished under {root}; run without "
+               "--report_only to train them.")
+  else:
+    run_all(_CONFIG.value, root, plan)
   command = "python -m experiments.ablation " + shlex.join(sys.argv[1:])
   path = write_report(root, collect_runs(root, plan), os.path.abspath(_REPORT_DIR.value),
                       command)

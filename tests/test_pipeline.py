@@ -276,3 +276,13 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
   assert not none["rl"]["dense_reward"] and none["rl"]["value_init"] == "policy"
   assert os.path.realpath(root / "none" / "seed3" / "sft") == os.path.realpath(
       os.path.join(workdir, "sft"))
+  # The report so far of an ablation in parts: unfinished runs are named and left out,
+  # nothing is trained.
+  (docs / "results.md").unlink()
+  stdout = _run("experiments.ablation", "--config", "configs/ablation.py:tiny",
+                f"--workdir={root}", "--seeds=3", "--arms=none,dense", "--variants=",
+                f"--report_dir={docs}", "--report_only")
+  assert "not finished, left out: dense/seed3" in stdout and "[rl] running" not in stdout
+  assert not (root / "dense").exists()
+  report = (docs / "results.md").read_text()
+  assert "| no PRM | 1 |" in report and "| dense reward only |" not in report
