@@ -1,9 +1,10 @@
 """The paper's ablation on the synthetic suite, and a report that says whether it held.
 
-Trains the four settings (no PRM / dense reward only / value init only / both) for each
-seed from ONE SFT policy and ONE PRM, plus the reward-form variants (the paper's summed PRM
-scores, PURE's min-form credit) once each, then writes `<report_dir>/results.md` and PNGs
-next to it (experiments/ablation_report.py):
+Trains the settings (no PRM / dense reward only / value init only / both / oracle dense
+reward) for each seed from ONE SFT policy and ONE PRM, plus the reward-form variants (the
+paper's summed PRM scores, the oracle as progress, PURE's min-form credit) for the first
+seed or `--variant_seeds`, then writes `<report_dir>/results.md` and PNGs next to it
+(experiments/ablation_report.py):
 
   python -m experiments.ablation --config configs/ablation.py --workdir runs/ablation \
       --seeds 0,1,2 --report_dir docs
@@ -11,7 +12,8 @@ next to it (experiments/ablation_report.py):
 Everything is resumable: the shared stages run once in `<workdir>/shared`, each RL run
 lives in `<workdir>/<setting>/seed<k>` (linked to the shared SFT policy, labels and PRM)
 and is skipped when done, so re-running the command only finishes what is missing and
-rewrites the report. `--config.*` overrides apply to every run (e.g. `--config.rl.steps=30`).
+rewrites the report; `--report_only` trains nothing and writes the report from the runs
+that have finished. `--config.*` overrides apply to every run (e.g. `--config.rl.steps=30`).
 Seeds vary the RL stage only (`rl.seed`: rollouts, problem order, value head); the SFT
 policy, the PRM and the held-out problems are the same for every run.
 """
