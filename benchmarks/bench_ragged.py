@@ -60,8 +60,8 @@ def workloads(ctx, config, sampler_for, params, key):
 
 def computed_slots(lengths: np.ndarray, rows: int, compact_halvings: int) -> int:
   """Token slots the decode loop computes: at each step the batch size it runs at (it
-  moves to the next of `sampling.compaction_levels` once the live rows fit)."""
-  from psgpo_jax.sampling import compaction_levels  # pylint: disable=import-outside-toplevel
+  moves to the next of `row_compaction.compaction_levels` once the live rows fit)."""
+  from psgpo_jax.row_compaction import compaction_levels  # pylint: disable=import-outside-toplevel
   levels, level, total = compaction_levels(rows, compact_halvings), 0, 0
   for step in range(int(np.max(lengths))):
     live = int(np.sum(lengths > step))

@@ -38,7 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ from psgpo_jax.batching import bucket_length
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM, check_length
 from psgpo_jax.models.transformer import CACHE_AXES, default_positions, init_cache
+from psgpo_jax.row_compaction import DecodeRows, compaction_levels, gather_rows
 from psgpo_jax.sampling_config import SampleOutput, SamplingConfig
 from psgpo_jax.stop_strings import (StopMatcher, common_prefix_len, decode_fn,
                                     fewest_tokens_covering, token_texts)
@@ -148,42 +149,6 @@ def _uniforms(keys: Array, step) -> Array:
   return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
 
 
-class _DecodeRows(NamedTuple):
-  """The decode loop's per-row state; row i of every field is the batch row index[i]."""
-  index: Array        # [R] int32, the row's index in the full batch
-  keys: Array         # [R] PRNG keys
-  kv_mask: Array      # [R, L+M]
-  cache: Any          # per layer ([R, KV, L+M, Dh], [R, KV, L+M, Dh])
-  tok: Array          # [R] the last token
-  pos: Array          # [R] its position
-  lengths: Array      # [R] tokens made
-  done: Array         # [R] bool
-  stop_state: Array   # [R]
-  out_tok: Array      # [R, M]
-  out_logp: Array     # [R, M]
-  reasons: Array      # [R] FINISH_*
-
-
-def _gather_rows(state: _DecodeRows, order: Array) -> _DecodeRows:
-  """The rows `order` [R'] of every field (the cache along its batch axis)."""
-  return jax.tree.map(lambda x: jnp.take(x, order, axis=0), state)
-
-
-def compaction_levels(rows: int, halvings: int, min_rows: int = 8) -> Tuple[int, ...]:
-  """The batch sizes the decode loop runs at: rows, then up to `halvings` halves of at
-  least `min_rows` rows.
-
-  The loop moves to the next size as soon as the rows still decoding fit in it, so ended
-  rows stop costing work. Each size is one more loop body to compile, so a few halvings
-  (where most of the waste is) pay best. E.g. (512, 2) -> (512, 256, 128).
-  """
-  levels = [rows]
-  while (len(levels) <= halvings and levels[-1] % 2 == 0
-         and levels[-1] // 2 >= min_rows):
-    levels.append(levels[-1] // 2)
-  return tuple(levels)
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
               rules: Optional[Tuple[Tuple[str, Any], ...]]):
@@ -235,7 +200,7 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
         static, logits, _uniforms(row_keys, 0), ~valid, stop_state, stop_table)
     out_tok = jnp.full((rows, m), static.pad_id, jnp.int32).at[:, 0].set(tok)
     out_logp = jnp.zeros((rows, m), jnp.float32).at[:, 0].set(logp)
-    state = _DecodeRows(index=jnp.arange(rows), keys=row_keys, kv_mask=kv_mask, cache=cache,
+    state = DecodeRows(index=jnp.arange(rows), keys=row_keys, kv_mask=kv_mask, cache=cache,
                         tok=tok, pos=pos, lengths=live.astype(jnp.int32), done=done,
                         stop_state=stop_state, out_tok=out_tok, out_logp=out_logp,
                         reasons=reasons)
@@ -244,7 +209,7 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
     step = jnp.int32(1)
     for level, next_rows in zip(levels, levels[1:] + (0,)):
       if level < rows:
-        state = _gather_rows(state, jnp.argsort(state.done, stable=True)[:level])
+        state = gather_rows(state, jnp.argsort(state.done, stable=True)[:level])
 
       def cond(carry, next_rows=next_rows):
         step, rows_state = carry

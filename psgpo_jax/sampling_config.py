@@ -33,7 +33,7 @@ class SamplingConfig:
     batch_buckets: explicit padded numbers of prompts (sorted).
     compact_halvings: once the rows still decoding fit in half the batch, the loop goes
       on with those rows only; it halves the batch up to this many times, never below 8
-      rows (`sampling.compaction_levels`; 0 = never; not under a mesh). Outputs are the
+      rows (`row_compaction.compaction_levels`; 0 = never; not under a mesh). Outputs are the
       same; each halving adds one loop body to compile.
   """
   max_new_tokens: int = 128

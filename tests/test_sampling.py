@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from psgpo_jax import sampling
+from psgpo_jax import row_compaction, sampling
 from psgpo_jax.batching import bucket_length
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
 from psgpo_jax.sampling import generate
@@ -382,9 +382,9 @@ def test_compacting_ended_rows_out_of_the_batch_changes_no_output(model, tokeniz
   """With ragged endings (EOS, stop strings, the length limit), a loop that drops ended
   rows as the batch halves makes exactly the rows of one that decodes them all."""
   cfg, params = model
-  assert sampling.compaction_levels(64, 2) == (64, 32, 16)
-  assert sampling.compaction_levels(48, 9) == (48, 24, 12) == sampling.compaction_levels(48, 3)
-  assert sampling.compaction_levels(64, 0) == (64,) == sampling.compaction_levels(64, 9, 64)
+  assert row_compaction.compaction_levels(64, 2) == (64, 32, 16)
+  assert row_compaction.compaction_levels(48, 9) == (48, 24, 12) == row_compaction.compaction_levels(48, 3)
+  assert row_compaction.compaction_levels(64, 0) == (64,) == row_compaction.compaction_levels(64, 9, 64)
   prompts, prefixes = _prefix_case(tokenizer)
   prompts, prefixes = prompts * 2, prefixes * 2
   config = BASE.replace(num_samples=5, stop_strings=("(", "e"), eos_ids=(7, 8, 9),
