@@ -47,7 +47,7 @@ def workloads(ctx, config, sampler_for, params, key):
   rl = config.rl
   problems = ctx.problems["train"][:int(rl.prompts_per_step)]
   prompts = [encode(ctx.tokenizer, p.prompt) for p in problems]
-  out = sampler_for(int(rl.samples_per_prompt), None).generate(params, prompts, key)
+  out = sampler_for(int(rl.samples_per_prompt)).generate(params, prompts, key)
   halves, owners = [], []
   for row, text in enumerate(out.texts):
     lines = split_lines(text)
@@ -115,12 +115,13 @@ def main() -> None:
   ctx = pipeline.RunContext(config)
   try:
     params = stages.sft_policy(ctx)
-    base = lambda n: from_pipeline_config(config, ctx.tokenizer, n)  # noqa: E731
+    compact_halvings = from_pipeline_config(config, ctx.tokenizer, 1).compact_halvings
     sampler_for = lambda n, compact: Sampler(                         # noqa: E731
-        ctx.model_cfg, base(n) if compact is None else base(n).replace(compact_halvings=compact),
+        ctx.model_cfg,
+        from_pipeline_config(config, ctx.tokenizer, n).replace(compact_halvings=compact),
         ctx.tokenizer)
-    calls = workloads(ctx, config, sampler_for, params, jax.random.PRNGKey(0))
-    compact_halvings = base(1).compact_halvings
+    calls = workloads(ctx, config, lambda n: sampler_for(n, compact_halvings), params,
+                      jax.random.PRNGKey(0))
     results = {(name, mode): measure(sampler_for(n, compact), params, p, r, args.repeats)
                for name, (n, p, r) in calls.items()
                for mode, compact in (("compact", compact_halvings), ("whole", 0))}

@@ -96,12 +96,6 @@ def setting_config(base, setting: str, seed: int, workdir: str):
   return config
 
 
-def run_finished(run_dir: str) -> bool:
-  """Whether a run's RL and evaluation stages have finished (their result files exist)."""
-  return all(os.path.exists(os.path.join(run_dir, stage, name))
-             for stage in ("rl", "eval") for name in ("result.json",))
-
-
 def link_shared(shared_dir: str, run_dir: str) -> None:
   """Points a run dir's tokenizer and shared stage outputs at the shared run's."""
   os.makedirs(run_dir, exist_ok=True)
@@ -120,8 +114,9 @@ def run_all(base, root: str, plan: Sequence[Tuple[str, int]]) -> None:
   shared = base.copy_and_resolve_references()
   shared.workdir = os.path.join(root, "shared")
   shared.stages = ",".join(SHARED_STAGES)
-  done = [os.path.exists(os.path.join(shared.workdir, s, "result.json")) for s in SHARED_STAGES]
-  if all(done):            # e.g. a linked quickstart run: leave its config and summary alone
+  # Finished shared stages (e.g. a linked quickstart run) are reused as they are: their
+  # config and summary are left alone.
+  if pipeline.stages_done(shared.workdir, SHARED_STAGES):
     print(f"shared stages {', '.join(SHARED_STAGES)} done in {shared.workdir}: reused")
   else:
     pipeline.run(shared)
@@ -143,7 +138,9 @@ def main(argv) -> None:
   variant_seeds = [int(s) for s in _VARIANT_SEEDS.value.split(",") if s.strip()]
   plan = run_plan(arms, seeds, variants, variant_seeds)
   if _REPORT_ONLY.value:
-    missing = [(s, k) for s, k in plan if not run_finished(os.path.join(root, s, f"seed{k}"))]
+    from psgpo_jax.pipeline import stages_done  # pylint: disable=import-outside-toplevel
+    missing = [(s, k) for s, k in plan
+               if not stages_done(os.path.join(root, s, f"seed{k}"), ("rl", "eval"))]
     if missing:
       print(f"report_only: {len(missing)} planned run(s) not finished, left out: "
             + ", ".join(f"{s}/seed{k}" for s, k in missing))

@@ -102,8 +102,14 @@ class RunContext:
       self._cache.pop("sandbox").close()
 
 
-def _result_path(ctx: RunContext, name: str) -> str:
-  return os.path.join(ctx.workdir, name, "result.json")
+def result_path(workdir: str, stage: str) -> str:
+  """The file a stage writes last: it exists once the stage has finished."""
+  return os.path.join(workdir, stage, "result.json")
+
+
+def stages_done(workdir: str, stages) -> bool:
+  """Whether every stage of `stages` has finished in `workdir`."""
+  return all(os.path.exists(result_path(workdir, s)) for s in stages)
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -138,7 +144,7 @@ def _run_stages(config: ml_collections.ConfigDict, ctx: RunContext,
     if name not in STAGE_FNS:
       raise NotImplementedError(f"Stage '{name}' is not available in this version; "
                                 f"available: {sorted(STAGE_FNS)}.")
-    path = _result_path(ctx, name)
+    path = result_path(ctx.workdir, name)
     multihost.barrier(f"stage_{name}")     # every process decides on the same files
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
