@@ -11,9 +11,14 @@ seed or `--variant_seeds`, then writes `<report_dir>/results.md` and PNGs next t
 
 Everything is resumable: the shared stages run once in `<workdir>/shared`, each RL run
 lives in `<workdir>/<setting>/seed<k>` (linked to the shared SFT policy, labels and PRM)
-and is skipped when done, so re-running the command only finishes what is missing and
-rewrites the report; `--report_only` trains nothing and writes the report from the runs
-that have finished. `--config.*` overrides apply to every run (e.g. `--config.rl.steps=30`).
+and resumes where it stopped. A finished run leaves a record of a few kilobytes in
+`--record_dir` (default `<report_dir>/ablation_runs`; experiments/ablation_records.py),
+committed with the report: a planned run with a record is never trained again, on this
+machine or another, so re-running the command only trains what is missing and rewrites
+the report, and `--report_only` writes the report from the records alone. Recorded runs
+and new ones must share the SFT policy and PRM: the shared stages are re-run where the
+workdir is gone and checked against the record. `--config.*` overrides apply to every run
+(e.g. `--config.rl.steps=30`).
 Seeds vary the RL stage only (`rl.seed`: rollouts, problem order, value head); the SFT
 policy, the PRM and the held-out problems are the same for every run.
 """
@@ -31,8 +36,9 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from configs.ablation import ARMS, apply_arm  # pylint: disable=g-import-not-at-top
+from experiments import ablation_records as records  # pylint: disable=g-import-not-at-top
 from experiments import common  # pylint: disable=g-import-not-at-top
-from experiments.ablation_report import LABELS, collect_runs, write_report  # pylint: disable=g-import-not-at-top
+from experiments.ablation_report import LABELS, write_report  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Base config of every run (configs/ablation.py).",
@@ -45,11 +51,14 @@ _VARIANTS = flags.DEFINE_string("variants", "dense_sum,oracle_progress",
 _VARIANT_SEEDS = flags.DEFINE_string("variant_seeds", "",
                                      "Seeds of the variants ('' = the first of --seeds).")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "docs", "Where results.md and the PNGs go.")
+_RECORD_DIR = flags.DEFINE_string("record_dir", "",
+                                  "Where finished runs' records go ('' = "
+                                  "<report_dir>/ablation_runs); commit them with the report.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Train nothing: write the report from the planned runs that "
-                                 "have finished (the report so far of an ablation in parts).")
+                                 "have records (the report so far of an ablation in parts).")
 
-SHARED_STAGES = ("sft", "collect", "prm")
+SHARED_STAGES = records.SHARED_STAGES
 # The other dense reward forms (configs/ablation.py gives first-error credit), with the
 # weights they ran at: the paper's (line scores summed, normalised by the number of lines)
 # and progress (PRM(after) - PRM(before), the outcome +-1 after the last line, -1 before
@@ -108,9 +117,16 @@ def link_shared(shared_dir: str, run_dir: str) -> None:
       os.symlink(target, link)
 
 
-def run_all(base, root: str, plan: Sequence[Tuple[str, int]]) -> None:
-  """Runs the shared stages, then every planned RL run (each skipped when done)."""
+def run_all(base, root: str, plan: Sequence[Tuple[str, int]], record_dir: str) -> None:
+  """Runs the shared stages, then every planned RL run that has no record, recording each
+  as it finishes."""
   from psgpo_jax import pipeline  # pylint: disable=import-outside-toplevel
+  done = records.recorded(record_dir, plan)
+  if done:
+    print(f"{len(done)} planned run(s) recorded in {record_dir}: not trained again")
+  todo = [p for p in plan if p not in done]
+  if not todo:
+    return
   shared = base.copy_and_resolve_references()
   shared.workdir = os.path.join(root, "shared")
   shared.stages = ",".join(SHARED_STAGES)
@@ -120,11 +136,13 @@ def run_all(base, root: str, plan: Sequence[Tuple[str, int]]) -> None:
     print(f"shared stages {', '.join(SHARED_STAGES)} done in {shared.workdir}: reused")
   else:
     pipeline.run(shared)
-  for i, (setting, seed) in enumerate(plan):
+  records.check_shared(record_dir, records.shared_record(shared.workdir))
+  for i, (setting, seed) in enumerate(todo):
     run_dir = os.path.join(root, setting, f"seed{seed}")
-    print(f"=== [{i + 1}/{len(plan)}] {LABELS[setting]}, seed {seed}: {run_dir}", flush=True)
+    print(f"=== [{i + 1}/{len(todo)}] {LABELS[setting]}, seed {seed}: {run_dir}", flush=True)
     link_shared(shared.workdir, run_dir)
     pipeline.run(setting_config(base, setting, seed, run_dir))
+    records.write_run_record(record_dir, setting, seed, run_dir)
 
 
 def main(argv) -> None:
@@ -132,27 +150,25 @@ def main(argv) -> None:
   if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)
   root = os.path.abspath(_WORKDIR.value)
+  report_dir = os.path.abspath(_REPORT_DIR.value)
+  record_dir = os.path.abspath(_RECORD_DIR.value or os.path.join(report_dir, "ablation_runs"))
   seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
   arms = [a for a in _ARMS.value.split(",") if a.strip()]
   variants = [v for v in _VARIANTS.value.split(",") if v.strip()]
   variant_seeds = [int(s) for s in _VARIANT_SEEDS.value.split(",") if s.strip()]
   plan = run_plan(arms, seeds, variants, variant_seeds)
-  if _REPORT_ONLY.value:
-    from psgpo_jax.pipeline import stages_done  # pylint: disable=import-outside-toplevel
-    missing = [(s, k) for s, k in plan
-               if not stages_done(os.path.join(root, s, f"seed{k}"), ("rl", "eval"))]
-    if missing:
-      print(f"report_only: {len(missing)} planned run(s) not finished, left out: "
-            + ", ".join(f"{s}/seed{k}" for s, k in missing))
-    plan = [p for p in plan if p not in missing]
-    if not plan:
-      sys.exit(f"report_only: no planned run has finished under {root}; run without "
-               "--report_only to train them.")
-  else:
-    run_all(_CONFIG.value, root, plan)
+  if not _REPORT_ONLY.value:
+    run_all(_CONFIG.value, root, plan, record_dir)
+  done = records.recorded(record_dir, plan)
+  if not done:
+    sys.exit(f"report: no planned run has a record in {record_dir}; run without "
+             "--report_only to train them.")
+  missing = [p for p in plan if p not in done]
+  if missing:
+    print(f"report: {len(missing)} planned run(s) not recorded, left out: "
+          + ", ".join(f"{s}/seed{k}" for s, k in missing))
   command = "python -m experiments.ablation " + shlex.join(sys.argv[1:])
-  path = write_report(root, collect_runs(root, plan), os.path.abspath(_REPORT_DIR.value),
-                      command)
+  path = write_report(*records.read_records(record_dir, plan), report_dir, command)
   print(f"report: {path}")
 
 

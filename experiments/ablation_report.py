@@ -4,7 +4,6 @@ pass@1 by problem difficulty, the plots, and `results.md` (experiments/ablation.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
@@ -12,9 +11,8 @@ import numpy as np
 
 from experiments.ablation_stats import (CURVE_METRIC, DIFFICULTY, by_horizon, compare,
                                         curve_over_seeds, curve_threshold, horizon_gain_slope,
-                                        learning_curve,
-                                        mean_curve, mean_series, pass_by_difficulty,
-                                        plateau_gain, problem_pass_counts, setting_table,
+                                        learning_curve, mean_curve, mean_series,
+                                        pass_by_difficulty, plateau_gain, setting_table,
                                         steps_to_threshold, verdict)
 
 LABELS = {"none": "no PRM", "dense": "dense reward only", "value": "value init only",
@@ -34,42 +32,6 @@ CLAIMS = (("Dense PRM rewards help (dense > none)", "dense", "none"),
            "oracle", "oracle_progress"),
           ("The learned PRM's dense rewards reach the oracle's (dense - oracle)", "dense", "oracle"),
           ("PSGPO reaches the oracle's dense rewards (both - oracle)", "both", "oracle"))
-
-
-# ------------------------------------------------------------------------- reading
-
-
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def read_run(run_dir: str) -> Dict[str, Any]:
-  """One finished run: its eval report (before/after RL), RL training metrics and the
-  per-problem pass counts before and after RL ({} where the samples were not kept)."""
-  from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
-  report = _read_json(os.path.join(run_dir, "eval", "report.json"))
-  return {"report": report, "rl": _read_json(os.path.join(run_dir, "rl", "result.json")),
-          "metrics": list(read_metrics(os.path.join(run_dir, "rl", "metrics.jsonl"))),
-          "problems": {label: _read_counts(os.path.join(run_dir, "eval",
-                                                        f"samples_{label}.jsonl"))
-                       for label in ("before", "after")},
-          "dir": run_dir}
-
-
-def _read_counts(path: str) -> Dict[str, Dict[str, int]]:
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return problem_pass_counts(json.loads(line) for line in f if line.strip())
-
-
-def collect_runs(root: str, plan: Sequence[Tuple[str, int]]) -> Dict[str, List[Dict[str, Any]]]:
-  """Finished runs grouped by setting, in plan order."""
-  runs: Dict[str, List[Dict[str, Any]]] = {}
-  for setting, seed in plan:
-    runs.setdefault(setting, []).append(read_run(os.path.join(root, setting, f"seed{seed}")))
-  return runs
 
 
 # ------------------------------------------------------------------------- plots
@@ -118,8 +80,7 @@ def _nan_for_null(result: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _run_configs(runs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """The config of the first run, and of the first run with dense rewards (its λ apply)."""
-  configs = [_read_json(os.path.join(r["dir"], "config.json"))
-             for rows in runs.values() for r in rows]
+  configs = [r["config"] for rows in runs.values() for r in rows]
   dense = [c for c in configs if c["rl"]["dense_reward"]]
   return configs[0], (dense or configs)[0]
 
@@ -318,21 +279,20 @@ def _monitor_lines(runs) -> List[str]:
   return out + [""]
 
 
-def write_report(root: str, runs: Mapping[str, Sequence[Dict[str, Any]]], out_dir: str,
-                 command: str) -> str:
-  """Writes results.md (and its PNGs) from finished runs; returns its path."""
+def write_report(shared: Mapping[str, Any], runs: Mapping[str, Sequence[Dict[str, Any]]],
+                 out_dir: str, command: str) -> str:
+  """Writes results.md (and its PNGs) from the shared stages' record and the finished
+  runs' records (experiments/ablation_records.py); returns its path."""
   os.makedirs(out_dir, exist_ok=True)
-  shared = os.path.join(root, "shared")
-  base_config = _read_json(os.path.join(shared, "config.json"))
-  sft, collect = (_read_json(os.path.join(shared, s, "result.json")) for s in ("sft", "collect"))
-  prm = _nan_for_null(_read_json(os.path.join(shared, "prm", "result.json")))
-  agreement_path = os.path.join(shared, "collect", "agreement_by_k.json")
-  agreement = _read_json(agreement_path) if os.path.exists(agreement_path) else []
+  base_config, results = shared["config"], shared["results"]
+  sft, collect, prm = results["sft"], results["collect"], _nan_for_null(results["prm"])
+  agreement = shared.get("agreement_by_k", [])
   table = setting_table(runs)
   plots = write_plots(runs, out_dir)
   lines = ["# Replication on the synthetic suite: the paper's ablation at CPU scale\n",
            f"Produced by `{command}` (experiments/ablation.py). Every number below comes "
-           "from that run's files; re-running the command rewrites this page.\n"]
+           "from the runs' records (experiments/ablation_records.py), committed next to "
+           "this page; re-running the command rewrites it.\n"]
   lines += _setup_lines(base_config, sft, collect, prm, runs)
   lines += _setting_lines(table, runs)
   lines += _claim_lines(table, runs)

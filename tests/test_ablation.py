@@ -131,3 +131,25 @@ def test_problems_are_classed_by_the_sft_pass_count_and_scored_per_class():
   assert classes["rare"]["sft"] == pytest.approx(2 / 16)
   assert classes["never"]["per_seed"] == pytest.approx([4 / 16, 0.0])
   assert classes["never"]["horizon"] == 9.0
+
+
+def _shared(auroc, seconds):
+  return {"config": {"seed": 0}, "agreement_by_k": [],
+          "results": {"sft": {"eval_greedy_pass@1": 0.424, "seconds": seconds},
+                      "collect": {"responses": 768, "search_seconds": seconds,
+                                  "labels_dir": "/somewhere/else/collect"},
+                      "prm": {"auroc": auroc, "seconds": seconds}}}
+
+
+def test_shared_record_is_written_once_and_later_stages_must_match_it(tmp_path):
+  from experiments import ablation_records as records
+  records.check_shared(str(tmp_path), _shared(0.875, 100.0))
+  assert (tmp_path / "shared.json").exists()
+  # Another machine's wall clock and paths are not the outcome: accepted.
+  records.check_shared(str(tmp_path), _shared(0.875 * (1 + 1e-9), 250.0))
+  # Another PRM is: refused, naming the field and what to do.
+  with pytest.raises(ValueError, match=r"prm.auroc: 0.875 recorded vs 0.8 now.*--record_dir"):
+    records.check_shared(str(tmp_path), _shared(0.8, 100.0))
+  assert records.fingerprint(_shared(0.875, 1.0)) == {
+      "sft": {"eval_greedy_pass@1": 0.424}, "collect": {"responses": 768},
+      "prm": {"auroc": 0.875}}

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,13 +277,25 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
   assert not none["rl"]["dense_reward"] and none["rl"]["value_init"] == "policy"
   assert os.path.realpath(root / "none" / "seed3" / "sft") == os.path.realpath(
       os.path.join(workdir, "sft"))
-  # The report so far of an ablation in parts: unfinished runs are named and left out,
-  # nothing is trained.
+  # Each finished run left a small record beside the report (committed with it).
+  records = docs / "ablation_runs"
+  assert (records / "shared.json").exists()
+  for setting in ("none", "both"):
+    assert 1000 < (records / setting / "seed3.json").stat().st_size < 200_000, setting
+  # The report so far of an ablation in parts, from the records alone (the run dirs are
+  # gone, as on another machine): unrecorded runs are named and left out, nothing trains.
   (docs / "results.md").unlink()
+  shutil.rmtree(root)
   stdout = _run("experiments.ablation", "--config", "configs/ablation.py:tiny",
                 f"--workdir={root}", "--seeds=3", "--arms=none,dense", "--variants=",
                 f"--report_dir={docs}", "--report_only")
-  assert "not finished, left out: dense/seed3" in stdout and "[rl] running" not in stdout
-  assert not (root / "dense").exists()
+  assert "not recorded, left out: dense/seed3" in stdout and "[rl] running" not in stdout
+  assert not root.exists()
   report = (docs / "results.md").read_text()
   assert "| no PRM | 1 |" in report and "| dense reward only |" not in report
+  # Resuming trains only what has no record: here nothing, so not even the shared stages.
+  stdout = _run("experiments.ablation", "--config", "configs/ablation.py:tiny",
+                f"--workdir={root}", "--seeds=3", "--arms=none,both", "--variants=",
+                f"--report_dir={docs}")
+  assert "2 planned run(s) recorded" in stdout and "running" not in stdout
+  assert not root.exists()
