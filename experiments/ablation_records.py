@@ -48,19 +48,33 @@ def _problem_counts(path: str) -> Dict[str, Dict[str, int]]:
     return problem_pass_counts(json.loads(line) for line in f if line.strip())
 
 
+def _relative_paths(value: Any, root: str) -> Any:
+  """`value` with every path under `root` written relative to it (dicts and lists walked):
+  records are committed, and a machine's paths have no place in them."""
+  if isinstance(value, str) and os.path.isabs(value) and (
+      value == root or value.startswith(root.rstrip(os.sep) + os.sep)):
+    return os.path.relpath(value, root)
+  if isinstance(value, dict):
+    return {k: _relative_paths(v, root) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_relative_paths(v, root) for v in value]
+  return value
+
+
 def run_record(run_dir: str) -> Dict[str, Any]:
   """The part of a finished run dir the report reads: eval report (before / after RL), RL
   result, the metrics rows' METRIC_KEYS, per-problem pass counts, and the run's config."""
   from psgpo_jax.logging import read_metrics  # pylint: disable=import-outside-toplevel
   metrics = [{k: row[k] for k in METRIC_KEYS if k in row}
              for row in read_metrics(os.path.join(run_dir, "rl", "metrics.jsonl"))]
-  return {"report": _read_json(os.path.join(run_dir, "eval", "report.json")),
-          "rl": _read_json(os.path.join(run_dir, "rl", "result.json")),
-          "metrics": [m for m in metrics if len(m) > 1],
-          "problems": {label: _problem_counts(os.path.join(run_dir, "eval",
-                                                           f"samples_{label}.jsonl"))
-                       for label in ("before", "after")},
-          "config": _read_json(os.path.join(run_dir, "config.json"))}
+  record = {"report": _read_json(os.path.join(run_dir, "eval", "report.json")),
+            "rl": _read_json(os.path.join(run_dir, "rl", "result.json")),
+            "metrics": [m for m in metrics if len(m) > 1],
+            "problems": {label: _problem_counts(os.path.join(run_dir, "eval",
+                                                             f"samples_{label}.jsonl"))
+                         for label in ("before", "after")},
+            "config": _read_json(os.path.join(run_dir, "config.json"))}
+  return _relative_paths(record, os.path.dirname(os.path.dirname(os.path.abspath(run_dir))))
 
 
 def library_versions() -> Dict[str, str]:
@@ -79,11 +93,12 @@ def shared_record(shared_dir: str) -> Dict[str, Any]:
   """The shared stages' config, results, label agreement by K, and the library versions
   that made them."""
   agreement = os.path.join(shared_dir, "collect", "agreement_by_k.json")
-  return {"versions": library_versions(),
-          "config": _read_json(os.path.join(shared_dir, "config.json")),
-          "results": {s: _read_json(os.path.join(shared_dir, s, "result.json"))
-                      for s in SHARED_STAGES},
-          "agreement_by_k": _read_json(agreement) if os.path.exists(agreement) else []}
+  record = {"versions": library_versions(),
+            "config": _read_json(os.path.join(shared_dir, "config.json")),
+            "results": {s: _read_json(os.path.join(shared_dir, s, "result.json"))
+                        for s in SHARED_STAGES},
+            "agreement_by_k": _read_json(agreement) if os.path.exists(agreement) else []}
+  return _relative_paths(record, os.path.realpath(shared_dir))   # paths from the shared dir
 
 
 def _is_outcome(key: str, value: Any) -> bool:

@@ -282,6 +282,10 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
   assert (records / "shared.json").exists()
   for setting in ("none", "both"):
     assert 1000 < (records / setting / "seed3.json").stat().st_size < 200_000, setting
+    text = (records / setting / "seed3.json").read_text()
+    assert str(root) not in text and str(tmp_path) not in text   # no machine paths
+  shared_text = (records / "shared.json").read_text()
+  assert str(root) not in shared_text and workdir not in shared_text
   # The report so far of an ablation in parts, from the records alone (the run dirs are
   # gone, as on another machine): unrecorded runs are named and left out, nothing trains.
   (docs / "results.md").unlink()
