@@ -104,7 +104,7 @@ def shared_record(shared_dir: str) -> Dict[str, Any]:
 def _is_outcome(key: str, value: Any) -> bool:
   """Whether a result field describes the stage's outcome, not the machine that ran it
   (wall-clock seconds, throughput, paths)."""
-  if key.endswith("seconds") or "per_second" in key:
+  if "seconds" in key:            # seconds, wall_seconds, seconds_per_response, ...
     return False
   return not (isinstance(value, str) and os.sep in value)
 
@@ -171,6 +171,5 @@ def read_records(record_dir: str, plan: Sequence[Tuple[str, int]]
   without a record left out)."""
   runs: Dict[str, List[Dict[str, Any]]] = {}
   for setting, seed in recorded(record_dir, plan):
-    run = _read_json(record_path(record_dir, setting, seed))
-    runs.setdefault(setting, []).append({**run, "seed": seed})
+    runs.setdefault(setting, []).append(_read_json(record_path(record_dir, setting, seed)))
   return _read_json(os.path.join(record_dir, "shared.json")), runs

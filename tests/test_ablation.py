@@ -137,6 +137,7 @@ def _shared(auroc, seconds):
   return {"config": {"seed": 0}, "agreement_by_k": [],
           "results": {"sft": {"eval_greedy_pass@1": 0.424, "seconds": seconds},
                       "collect": {"responses": 768, "search_seconds": seconds,
+                                  "seconds_per_response": seconds / 768,
                                   "labels_dir": "/somewhere/else/collect"},
                       "prm": {"auroc": auroc, "seconds": seconds}}}
 
