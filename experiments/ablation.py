@@ -16,8 +16,10 @@ and resumes where it stopped. A finished run leaves a record of a few kilobytes 
 committed with the report: a planned run with a record is never trained again, on this
 machine or another, so re-running the command only trains what is missing and rewrites
 the report, and `--report_only` writes the report from the records alone. Recorded runs
-and new ones must share the SFT policy and PRM: the shared stages are re-run where the
-workdir is gone and checked against the record. `--config.*` overrides apply to every run
+and new ones must share the SFT policy and PRM: the shared stages' outputs the runs read
+are recorded too (`<record_dir>/shared/`, the tokenizer and two small checkpoints) and
+restored where the workdir is gone, since training them on another platform would not
+reproduce them; shared stages trained anew are checked against the record. `--config.*` overrides apply to every run
 (e.g. `--config.rl.steps=30`).
 Seeds vary the RL stage only (`rl.seed`: rollouts, problem order, value head); the SFT
 policy, the PRM and the held-out problems are the same for every run.
@@ -130,13 +132,18 @@ def run_all(base, root: str, plan: Sequence[Tuple[str, int]], record_dir: str) -
   shared = base.copy_and_resolve_references()
   shared.workdir = os.path.join(root, "shared")
   shared.stages = ",".join(SHARED_STAGES)
-  # Finished shared stages (e.g. a linked quickstart run) are reused as they are: their
-  # config and summary are left alone.
+  # The recorded shared stages (the runs recorded so far started from them) are restored
+  # rather than trained again; finished ones (e.g. a linked quickstart run) are reused as
+  # they are: their config and summary are left alone.
+  if records.restore_shared(record_dir, shared.workdir):
+    print(f"shared stages {', '.join(SHARED_STAGES)} restored from "
+          f"{records.shared_files_dir(record_dir)} into {shared.workdir}")
   if pipeline.stages_done(shared.workdir, SHARED_STAGES):
     print(f"shared stages {', '.join(SHARED_STAGES)} done in {shared.workdir}: reused")
   else:
     pipeline.run(shared)
   records.check_shared(record_dir, records.shared_record(shared.workdir))
+  records.save_shared(shared.workdir, record_dir)
   for i, (setting, seed) in enumerate(todo):
     run_dir = os.path.join(root, setting, f"seed{seed}")
     print(f"=== [{i + 1}/{len(todo)}] {LABELS[setting]}, seed {seed}: {run_dir}", flush=True)

@@ -8,23 +8,32 @@ records can be committed beside the report: an ablation then spans machines and 
 (a run with a record is never trained again), and `--report_only` rewrites the report
 from the records alone.
 
-Runs are comparable only when they start from the same SFT policy and PRM. The shared
-record's fingerprint (the shared stages' results without wall-clock fields) is checked
-against the shared stages of the machine that trains more runs: the stages are
-deterministic for a given code version and platform, so a mismatch means the new runs
-would start from another policy, and `check_shared` refuses to mix them.
+Runs are comparable only when they start from the same SFT policy and PRM. The stages are
+deterministic for a given code version and platform only (another CPU's matmul kernels
+round differently, and a thousand SFT steps amplify that), so the shared stages' outputs
+the runs read (the tokenizer, the SFT policy, the PRM: `SHARED_FILES`, a few MB) are
+recorded too, in `<record_dir>/shared/`: another machine restores them instead of training
+its own (`restore_shared`). Shared stages trained anew are checked against the record's
+fingerprint (their results without wall-clock fields) and `check_shared` refuses to mix
+runs from different ones.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from psgpo_jax.jsonio import write_json
 from psgpo_jax.plots import TRAINING_PLOT_KEYS
 
 SHARED_STAGES = ("sft", "collect", "prm")
+# What the RL runs and the report read of the shared stages (relative to the shared dir):
+# the tokenizer, the SFT policy and the PRM as Hugging Face checkpoints, the results.
+SHARED_FILES = ("config.json", "tokenizer", "sft/policy", "sft/result.json",
+                "collect/result.json", "collect/agreement_by_k.json", "prm/model",
+                "prm/result.json")
 # The metrics rows' fields the report uses: the learning curve and the monitor plots.
 METRIC_KEYS = ("step", "eval/updates") + tuple(key for key, _ in TRAINING_PLOT_KEYS)
 
@@ -151,6 +160,48 @@ def check_shared(record_dir: str, shared: Mapping[str, Any]) -> None:
     return
   os.makedirs(record_dir, exist_ok=True)
   write_json(path, shared)
+
+
+def shared_files_dir(record_dir: str) -> str:
+  """Where the shared stages' recorded outputs (`SHARED_FILES`) live."""
+  return os.path.join(record_dir, "shared")
+
+
+def _copy_files(source_dir: str, target_dir: str) -> None:
+  """Copies `SHARED_FILES` (those that exist) from one shared dir to another in their
+  order, each file under a temporary name first: the last stage's result file, which
+  marks the stages finished, is written last, so a copy cut short is redone."""
+  for name in SHARED_FILES:
+    source = os.path.join(source_dir, name)
+    files = ([os.path.join(root, f) for root, _, fs in os.walk(source) for f in fs]
+             if os.path.isdir(source) else [source] if os.path.exists(source) else [])
+    for path in sorted(files):
+      target = os.path.join(target_dir, os.path.relpath(path, source_dir))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copyfile(path, target + ".partial")
+      os.replace(target + ".partial", target)
+
+
+def save_shared(shared_dir: str, record_dir: str) -> bool:
+  """Records the shared stages' outputs the runs read (once); returns whether it did."""
+  from psgpo_jax.pipeline import stages_done  # pylint: disable=import-outside-toplevel
+  target = shared_files_dir(record_dir)
+  if stages_done(target, SHARED_STAGES):
+    return False
+  _copy_files(os.path.realpath(shared_dir), target)
+  return True
+
+
+def restore_shared(record_dir: str, shared_dir: str) -> bool:
+  """Puts the recorded shared stages' outputs into `shared_dir` when it has not finished
+  them (another machine, a new checkout); returns whether it did. The recorded runs
+  started from exactly these, which training them again here need not reproduce."""
+  from psgpo_jax.pipeline import stages_done  # pylint: disable=import-outside-toplevel
+  source = shared_files_dir(record_dir)
+  if not stages_done(source, SHARED_STAGES) or stages_done(shared_dir, SHARED_STAGES):
+    return False
+  _copy_files(source, shared_dir)
+  return True
 
 
 def write_run_record(record_dir: str, setting: str, seed: int, run_dir: str) -> str:

@@ -154,3 +154,48 @@ def test_shared_record_is_written_once_and_later_stages_must_match_it(tmp_path):
   assert records.fingerprint(_shared(0.875, 1.0)) == {
       "sft": {"eval_greedy_pass@1": 0.424}, "collect": {"responses": 768},
       "prm": {"auroc": 0.875}}
+
+
+def _finished_shared_dir(root):
+  """A shared dir as the stages leave it: checkpoints and label shards beside what the
+  runs read."""
+  files = {"config.json": "{}", "tokenizer/tokenizer.json": "tok",
+           "sft/policy/model.safetensors": "sft weights", "sft/result.json": "{}",
+           "sft/checkpoints/1000/state": "optimizer", "collect/result.json": "{}",
+           "collect/agreement_by_k.json": "[]", "collect/labels_00000.jsonl": "labels",
+           "prm/model/model.safetensors": "prm weights", "prm/result.json": "{}"}
+  for name, text in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+  return root
+
+
+def _tree(root):
+  return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
+          if p.is_file()}
+
+
+def test_shared_outputs_are_recorded_once_and_restored_where_the_stages_did_not_run(tmp_path):
+  from experiments import ablation_records as records
+  shared = _finished_shared_dir(tmp_path / "shared")
+  record_dir = tmp_path / "records"
+  assert records.save_shared(str(shared), str(record_dir))
+  saved = _tree(record_dir / "shared")
+  # What the runs and the report read, not the checkpoints or the label shards.
+  assert sorted(saved) == ["collect/agreement_by_k.json", "collect/result.json",
+                           "config.json", "prm/model/model.safetensors", "prm/result.json",
+                           "sft/policy/model.safetensors", "sft/result.json",
+                           "tokenizer/tokenizer.json"]
+  (shared / "prm/model/model.safetensors").write_text("retrained elsewhere")
+  assert not records.save_shared(str(shared), str(record_dir))     # recorded once
+  assert _tree(record_dir / "shared") == saved
+  # A new checkout: the recorded outputs come back, exactly.
+  fresh = tmp_path / "fresh"
+  assert records.restore_shared(str(record_dir), str(fresh))
+  assert _tree(fresh) == saved
+  # Finished stages are left alone, and a record cut short (no PRM result) restores nothing.
+  assert not records.restore_shared(str(record_dir), str(shared))
+  assert (shared / "prm/model/model.safetensors").read_text() == "retrained elsewhere"
+  (record_dir / "shared/prm/result.json").unlink()
+  assert not records.restore_shared(str(record_dir), str(tmp_path / "other"))
+  assert not (tmp_path / "other").exists()

@@ -1,5 +1,6 @@
 """End to end: `python -m experiments.train` runs every stage, leaves logs, checkpoints
 and plots, and a re-run continues instead of starting over."""
+import filecmp
 import glob
 import json
 import os
@@ -303,3 +304,15 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
                 f"--report_dir={docs}")
   assert "2 planned run(s) recorded" in stdout and "running" not in stdout
   assert not root.exists()
+  # A new run on another machine (no workdir): the recorded SFT policy and PRM are
+  # restored, not trained again (another platform's training would not reproduce them).
+  stdout = _run("experiments.ablation", "--config", "configs/ablation.py:tiny",
+                f"--workdir={root}", "--seeds=3", "--arms=none,dense", "--variants=",
+                f"--report_dir={docs}")
+  assert "restored from" in stdout and "1 planned run(s) recorded" in stdout
+  assert "[sft] running" not in stdout and "[prm] running" not in stdout
+  assert (records / "dense" / "seed3.json").exists()
+  for model in ("sft/policy", "prm/model"):
+    for name in os.listdir(os.path.join(workdir, model)):
+      assert filecmp.cmp(os.path.join(workdir, model, name), root / "shared" / model / name,
+                         shallow=False), (model, name)
