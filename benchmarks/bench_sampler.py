@@ -27,6 +27,10 @@ It inherits our XLA_FLAGS and, like the torch one, lives only while it is timed.
 checks that greedy decoding of 2 prompts x 16 new tokens gives the same tokens as ours
 (printed, not enforced; random weights repeat tokens, so the check is a weak one).
 
+Ours runs twice: as configured (`sampling.decode_layout=auto`, on CPU the feature-major
+decode step of models/feature_major.py) and with the model's batch-major step, so the
+layout's share of the gain is measured in the same run.
+
 Also prints our achieved FLOP/s (prefill + decode model FLOPs over wall time) against a
 jitted float32 matmul measured in the same run.
 
@@ -56,6 +60,7 @@ import numpy as np                                           # noqa: E402
 from benchmarks.common import matmul_flops_per_s             # noqa: E402
 from psgpo_jax.models import CausalLM, ModelConfig, init_params   # noqa: E402
 from psgpo_jax.models.hf_io import save_hf_checkpoint        # noqa: E402
+from psgpo_jax.models.feature_major import feature_major_decoding   # noqa: E402
 from psgpo_jax.sampling import generate                      # noqa: E402
 from psgpo_jax.sampling_config import SamplingConfig         # noqa: E402
 
@@ -364,7 +369,11 @@ def main() -> None:
             f"match ours: {greedy}")
     else:
       print("tunix baseline: skipped (set TUNIX_PYTHON or --tunix-python)")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'tunix tok/s':>11} "
+    layouts = {b: "feature_major" if feature_major_decoding("auto", False, b) else
+               "batch_major" for b in batches}
+    print(f"ours: sampling.decode_layout=auto, here by batch {layouts}; 'batch-major' is "
+          "ours with decode_layout=batch_major (the model's [B, D] step)")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'batch-major':>11} {'hf tok/s':>9} {'ratio':>6} {'tunix tok/s':>11} "
           f"{'ratio vs tunix':>14} {'ours GFLOP/s':>12} {'matmul':>7} {'of matmul':>9}  "
           "hf tok/s by OMP policy")
     by_batch, matmul = {}, 0.0
@@ -376,20 +385,23 @@ def main() -> None:
                 for policy in policies}      # only the timed worker is alive
       tunix_s = time_worker(start_tunix, prompts, args.repeats) if start_tunix else None
       ours_s = [run_ours(params, prompts, config, seed=i) for i in range(args.repeats + 1)]
+      batch_major_s = [run_ours(params, prompts, config.replace(decode_layout="batch_major"),
+                                seed=i) for i in range(args.repeats + 1)]
       tokens = batch * args.new_tokens
       ours = tokens / min(ours_s[1:])
+      batch_major = tokens / min(batch_major_s[1:])
       by_policy = {k: round(tokens / min(v[1:]), 1) for k, v in base_s.items()}
       base = max(by_policy.values()) if policies else None
       tunix = tokens / min(tunix_s[1:]) if tunix_s else None
       flops = model_flops(MODEL, batch, args.prompt_len, args.new_tokens) / min(ours_s[1:])
       by_batch[str(batch)] = {
-          "ours": round(ours, 1), "baseline": None if base is None else round(base, 1),
+          "ours": round(ours, 1), "ours_batch_major": round(batch_major, 1), "baseline": None if base is None else round(base, 1),
           "ratio": None if base is None else round(ours / base, 3),
           "baseline_by_omp_policy": by_policy,
           "tunix": None if tunix is None else round(tunix, 1),
           "ratio_tunix": None if tunix is None else round(ours / tunix, 3),
           "gflops": round(flops / 1e9, 2), "mfu_vs_matmul": round(flops / matmul, 4)}
-      print(f"{batch:>5} {ours:11.1f} {fmt(base, '.1f'):>9} "
+      print(f"{batch:>5} {ours:11.1f} {batch_major:11.1f} {fmt(base, '.1f'):>9} "
             f"{fmt(base and ours / base, '.2f'):>6} {fmt(tunix, '.1f'):>11} "
             f"{fmt(tunix and ours / tunix, '.2f'):>14} {flops / 1e9:12.2f} {matmul / 1e9:7.1f} "
             f"{flops / matmul:9.1%}  {by_policy}", flush=True)

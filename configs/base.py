@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
                                        # prompt format's own (data/prompts.py STOP_STRINGS)
   c.sampling.compact_halvings = 2      # decode on the live rows only once they fit in half
                                        # the batch, up to this many halvings (0 = never)
+  c.sampling.decode_layout = "auto"    # feature_major | batch_major | auto (feature-major
+                                       # on CPU without a mesh: faster skinny matmuls)
 
   # --- supervised warm-up ---------------------------------------------------------------
   c.sft = ml_collections.ConfigDict()

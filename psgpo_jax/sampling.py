@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from psgpo_jax import sharding
 from psgpo_jax.batching import bucket_length
 from psgpo_jax.models.config import ModelConfig
+from psgpo_jax.models.feature_major import decode_function, feature_major_decoding
 from psgpo_jax.models.heads import CausalLM, check_length
 from psgpo_jax.models.transformer import CACHE_AXES, default_positions, init_cache
 from psgpo_jax.row_compaction import DecodeRows, compaction_levels, gather_rows
@@ -85,6 +86,7 @@ class _Static:
   stop_match_state: int
   pad_id: int
   compact_halvings: int
+  decode_layout: str
 
 
 def _prefill_last(module: CausalLM, tokens, positions, kv_mask, cache):
@@ -210,6 +212,8 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
     for level, next_rows in zip(levels, levels[1:] + (0,)):
       if level < rows:
         state = gather_rows(state, jnp.argsort(state.done, stable=True)[:level])
+      decode = decode_function(params, model_cfg, feature_major_decoding(
+          static.decode_layout, mesh is not None, level))
 
       def cond(carry, next_rows=next_rows):
         step, rows_state = carry
@@ -218,10 +222,9 @@ def _compiled(model_cfg: ModelConfig, static: _Static, mesh: Optional[Mesh],
 
       def body(carry):
         step, r = carry
-        logits, cache = model.apply({"params": params}, r.tok[:, None], r.pos[:, None],
-                                    r.kv_mask, r.cache, length + step - 1, method="decode")
+        logits, cache = decode(r.tok, r.pos, r.kv_mask, r.cache, length + step - 1)
         tok, logp, live, reason, done, stop_state = _next_tokens(
-            static, logits[:, 0], _uniforms(r.keys, step), r.done, r.stop_state, stop_table)
+            static, logits, _uniforms(r.keys, step), r.done, r.stop_state, stop_table)
         write = lambda out, x: jax.lax.dynamic_update_slice_in_dim(out, x[:, None], step, 1)
         return step + 1, r._replace(
             cache=constrain_cache(cache), tok=tok, pos=r.pos + 1, lengths=r.lengths + live,
@@ -276,7 +279,8 @@ class Sampler:
         num_samples=config.num_samples, eos_ids=self.eos_ids,
         use_stop=self.matcher is not None,
         stop_match_state=self.matcher.match_state if self.matcher else -1,
-        pad_id=int(config.pad_id), compact_halvings=int(config.compact_halvings))
+        pad_id=int(config.pad_id), compact_halvings=int(config.compact_halvings),
+        decode_layout=config.decode_layout)
     self._decode = decode_fn(tokenizer) if tokenizer is not None else None
 
   @property

@@ -12,6 +12,9 @@ import numpy as np
 from psgpo_jax.fields import checked_fields
 
 
+DECODE_LAYOUTS = ("auto", "feature_major", "batch_major")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """What to sample and how; hashable, so it keys the compiled functions.
@@ -35,6 +38,12 @@ class SamplingConfig:
       on with those rows only; it halves the batch up to this many times, never below 8
       rows (`row_compaction.compaction_levels`; 0 = never; not under a mesh). Outputs are the
       same; each halving adds one loop body to compile.
+    decode_layout: how a decode step lays out its hidden states and kernels:
+      "feature_major" ([D, B] states, [out, in] kernels: XLA's CPU matmuls run the
+      step's skinny products much faster so; `models/feature_major.py`), "batch_major"
+      (the model's own [B, D] forward), or "auto": feature-major on a CPU backend
+      without a mesh for at most 64 rows (`feature_major.AUTO_MAX_ROWS`), batch-major
+      otherwise (unmeasured on accelerators). Same math.
   """
   max_new_tokens: int = 128
   temperature: float = 1.0
@@ -50,6 +59,7 @@ class SamplingConfig:
   min_batch_bucket: int = 1
   batch_buckets: Tuple[int, ...] = ()
   compact_halvings: int = 2
+  decode_layout: str = "auto"
 
   def __post_init__(self):
     for name in ("eos_ids", "stop_strings", "prompt_buckets", "batch_buckets"):
@@ -67,6 +77,9 @@ class SamplingConfig:
     if self.compact_halvings < 0:
       raise ValueError(f"sampling.compact_halvings={self.compact_halvings} must be >= 0 "
                        "(0 = off).")
+    if self.decode_layout not in DECODE_LAYOUTS:
+      raise ValueError(f"sampling.decode_layout={self.decode_layout!r} must be one of "
+                       f"{DECODE_LAYOUTS}.")
     if self.num_samples < 1:
       raise ValueError(f"sampling.num_samples={self.num_samples} must be >= 1.")
     if any(not s for s in self.stop_strings):

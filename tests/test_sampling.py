@@ -400,6 +400,28 @@ def test_compacting_ended_rows_out_of_the_batch_changes_no_output(model, tokeniz
   assert {"stop", "eos"} <= set(whole.finish_reason)
 
 
+def test_feature_major_and_batch_major_decoding_sample_the_same_rows(model, tokenizer):
+  """The decode layouts (sampling.decode_layout) are the same math: the same tokens,
+  log-probs to float rounding, endings and texts, with prefixes, stop strings, EOS and
+  row compaction; "auto" is feature-major on this CPU without a mesh for small batches."""
+  cfg, params = model
+  prompts, prefixes = _prefix_case(tokenizer)
+  config = BASE.replace(num_samples=4, stop_strings=("(",), eos_ids=(7, 8), temperature=1.3)
+  rng = jax.random.PRNGKey(5)
+  rows = {layout: generate(params, cfg, prompts, rng, config.replace(decode_layout=layout),
+                           tokenizer, prefixes=prefixes)
+          for layout in ("feature_major", "batch_major")}
+  _assert_same(rows["feature_major"], rows["batch_major"])
+  assert len(set(rows["batch_major"].finish_reason)) > 1        # ragged endings exercised
+  assert sampling.feature_major_decoding("auto", on_mesh=False, rows=16)
+  assert not sampling.feature_major_decoding("auto", on_mesh=False, rows=256)
+  assert not sampling.feature_major_decoding("auto", on_mesh=True, rows=16)
+  assert sampling.feature_major_decoding("feature_major", on_mesh=True, rows=256)
+  assert not sampling.feature_major_decoding("batch_major", on_mesh=False, rows=16)
+  with pytest.raises(ValueError, match="decode_layout='rows' must be one of"):
+    BASE.replace(decode_layout="rows")
+
+
 def test_sharded_over_the_data_axis_matches_one_device(model, tokenizer):
   cfg, params = model
   assert jax.device_count() == 8
