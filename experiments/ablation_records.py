@@ -167,10 +167,18 @@ def shared_files_dir(record_dir: str) -> str:
   return os.path.join(record_dir, "shared")
 
 
+def _mentions(path: str, text: str) -> bool:
+  """Whether the file at `path` contains `text`."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return text in f.read()
+
+
 def _copy_files(source_dir: str, target_dir: str) -> None:
   """Copies `SHARED_FILES` (those that exist) from one shared dir to another in their
   order, each file under a temporary name first: the last stage's result file, which
-  marks the stages finished, is written last, so a copy cut short is redone."""
+  marks the stages finished, is written last, so a copy cut short is redone. JSON files
+  that name paths under `source_dir` get them written relative to it (the record is
+  committed); the others, and the weights, are copied byte for byte."""
   for name in SHARED_FILES:
     source = os.path.join(source_dir, name)
     files = ([os.path.join(root, f) for root, _, fs in os.walk(source) for f in fs]
@@ -178,8 +186,11 @@ def _copy_files(source_dir: str, target_dir: str) -> None:
     for path in sorted(files):
       target = os.path.join(target_dir, os.path.relpath(path, source_dir))
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.copyfile(path, target + ".partial")
-      os.replace(target + ".partial", target)
+      if path.endswith(".json") and _mentions(path, source_dir):
+        write_json(target, _relative_paths(_read_json(path), source_dir))   # atomic
+      else:
+        shutil.copyfile(path, target + ".partial")
+        os.replace(target + ".partial", target)
 
 
 def save_shared(shared_dir: str, record_dir: str) -> bool:

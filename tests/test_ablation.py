@@ -1,4 +1,6 @@
 """The ablation report's arithmetic: run plans, seed statistics and claim verdicts."""
+import json
+
 import numpy as np
 import pytest
 
@@ -159,7 +161,8 @@ def test_shared_record_is_written_once_and_later_stages_must_match_it(tmp_path):
 def _finished_shared_dir(root):
   """A shared dir as the stages leave it: checkpoints and label shards beside what the
   runs read."""
-  files = {"config.json": "{}", "tokenizer/tokenizer.json": "tok",
+  files = {"config.json": json.dumps({"workdir": str(root), "seed": 0}),
+           "tokenizer/tokenizer.json": "{}",
            "sft/policy/model.safetensors": "sft weights", "sft/result.json": "{}",
            "sft/checkpoints/1000/state": "optimizer", "collect/result.json": "{}",
            "collect/agreement_by_k.json": "[]", "collect/labels_00000.jsonl": "labels",
@@ -186,6 +189,8 @@ def test_shared_outputs_are_recorded_once_and_restored_where_the_stages_did_not_
                            "config.json", "prm/model/model.safetensors", "prm/result.json",
                            "sft/policy/model.safetensors", "sft/result.json",
                            "tokenizer/tokenizer.json"]
+  # Committed: the machine's paths are written relative to the shared dir.
+  assert json.loads(saved["config.json"]) == {"workdir": ".", "seed": 0}
   (shared / "prm/model/model.safetensors").write_text("retrained elsewhere")
   assert not records.save_shared(str(shared), str(record_dir))     # recorded once
   assert _tree(record_dir / "shared") == saved
