@@ -19,8 +19,8 @@ the report, and `--report_only` writes the report from the records alone. Record
 and new ones must share the SFT policy and PRM: the shared stages' outputs the runs read
 are recorded too (`<record_dir>/shared/`, the tokenizer and two small checkpoints) and
 restored where the workdir is gone, since training them on another platform would not
-reproduce them; shared stages trained anew are checked against the record. `--config.*` overrides apply to every run
-(e.g. `--config.rl.steps=30`).
+reproduce them; shared stages trained anew are checked against the record. `--config.*`
+overrides apply to every run (e.g. `--config.rl.steps=30`).
 Seeds vary the RL stage only (`rl.seed`: rollouts, problem order, value head); the SFT
 policy, the PRM and the held-out problems are the same for every run.
 """
