@@ -16,6 +16,7 @@ with T = 1, to float rounding (tests/test_feature_major.py compares the logits).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -24,17 +25,14 @@ import jax.numpy as jnp
 from psgpo_jax.models.config import ModelConfig
 from psgpo_jax.models.heads import CausalLM
 from psgpo_jax.models.transformer import (KVCache, attention_mask, dot_product_attention,
-                                          rotary_embedding)
+                                          rms_norm, rotary_embedding, write_cache)
 
 Array = jax.Array
 
 
 def _out_in(kernel: Array, num_in_axes: int) -> Array:
   """A kernel [in..., out...] as a matrix [prod(out), prod(in)]."""
-  in_size = 1
-  for n in kernel.shape[:num_in_axes]:
-    in_size *= n
-  return kernel.reshape(in_size, -1).T
+  return kernel.reshape(math.prod(kernel.shape[:num_in_axes]), -1).T
 
 
 def feature_major_params(params: Dict[str, Any], cfg: ModelConfig) -> Dict[str, Any]:
@@ -71,10 +69,8 @@ def feature_major_params(params: Dict[str, Any], cfg: ModelConfig) -> Dict[str, 
 
 
 def _rms_norm(x: Array, scale: Array, cfg: ModelConfig) -> Array:
-  """`transformer.RMSNorm` over the features of x [D, B]."""
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + cfg.rms_norm_eps)
-  return scale.astype(cfg.compute_dtype) * x32.astype(cfg.compute_dtype)
+  """`transformer.rms_norm` over the features of x [D, B] (scale [D, 1])."""
+  return rms_norm(x, scale, cfg, axis=0)
 
 
 def _project(kernel: Array, x: Array, cfg: ModelConfig) -> Array:
@@ -101,9 +97,8 @@ def _attention(layer: Dict[str, Array], h: Array, positions: Array, mask: Array,
   q = _heads(proj("q"), h_, positions, cfg, rotate=True)              # [B, 1, H, Dh]
   k = _heads(proj("k"), kv, positions, cfg, rotate=True).transpose(0, 2, 1, 3)
   v = _heads(proj("v"), kv, positions, cfg, rotate=False).transpose(0, 2, 1, 3)
-  write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype),
-                                                           cache_index, 2)
-  keys, values = write(cache[0], k), write(cache[1], v)               # [B, KV, S, Dh]
+  keys = write_cache(cache[0], k, cache_index)                        # [B, KV, S, Dh]
+  values = write_cache(cache[1], v, cache_index)
   out = dot_product_attention(q, keys, values, mask, dt)              # [B, 1, H, Dh]
   out = out.reshape(out.shape[0], -1).T                               # [H*Dh, B]
   return _project(layer["o"], out, cfg), (keys, values)

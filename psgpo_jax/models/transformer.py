@@ -47,9 +47,21 @@ class RMSNorm(nn.Module):
     """x: [..., D] -> [..., D] in the compute dtype."""
     scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",),
                    self.cfg.storage_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-    return scale.astype(self.cfg.compute_dtype) * x32.astype(self.cfg.compute_dtype)
+    return rms_norm(x, scale, self.cfg)
+
+
+def rms_norm(x: Array, scale: Array, cfg: ModelConfig, axis: int = -1) -> Array:
+  """x / rms(x) * scale over the features `axis` of x (statistics in float32), in the
+  compute dtype; `scale` broadcasts against x."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + cfg.rms_norm_eps)
+  return scale.astype(cfg.compute_dtype) * x32.astype(cfg.compute_dtype)
+
+
+def write_cache(cache: Array, new: Array, cache_index: Array) -> Array:
+  """Writes new keys or values [B, KV, T, Dh] into a cache [B, KV, S, Dh] at slot
+  `cache_index`."""
+  return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, 2)
 
 
 def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
@@ -229,9 +241,7 @@ class Attention(nn.Module):
     if cache is None:
       out = causal_blockwise_attention(q, k, v, mask, dt, cfg.attention_query_block)
     else:
-      write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype),
-                                                               cache_index, 2)
-      k, v = write(cache[0], k), write(cache[1], v)
+      k, v = write_cache(cache[0], k, cache_index), write_cache(cache[1], v, cache_index)
       cache = (k, v)
       out = dot_product_attention(q, k, v, mask, dt)
     return OutProjection(cfg, name="o_proj")(out), cache
