@@ -261,13 +261,13 @@ def _agreement_ks(config) -> tuple:
   return tuple(sorted({1, 2, 4, k} & set(range(1, k + 1))))
 
 
-def run_labels(ctx) -> List[Dict[str, Any]]:
-  """Selected labeled rows of every labeling policy."""
+def run_labels(ctx, selected_only: bool = True) -> List[Dict[str, Any]]:
+  """Labeled rows of every labeling policy (only the selected ones by default)."""
   from psgpo_jax.prm import shards  # pylint: disable=import-outside-toplevel
   out_dir = os.path.join(ctx.workdir, "collect")
   dirs = sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir)
                 if d.startswith("policy_")) or [out_dir]
-  return [row for d in dirs for row in shards.load_labels(d)]
+  return [row for d in dirs for row in shards.load_labels(d, selected_only)]
 
 
 @stage("prm")
@@ -289,7 +289,8 @@ def run_prm(config: ml_collections.ConfigDict, ctx) -> Dict[str, Any]:
         prm_train.PRMTrainConfig.from_config(config, max_len=max_len), out_dir,
         ctx.tokenizer.pad_token_id, seed=config.seed, mesh=ctx.mesh, rules=ctx.rules,
         writer=writer, show_progress=config.logging.progress, checkpoint_dir=checkpoints,
-        checkpoint_every=config.prm.checkpoint_every)
+        checkpoint_every=config.prm.checkpoint_every,
+        all_rows=run_labels(ctx, selected_only=False))
   save_model(os.path.join(out_dir, "model"), ctx.model_cfg, params, "scalar")
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 

@@ -51,6 +51,9 @@ def test_every_stage_runs_and_reports(tiny_run):
     assert 0.0 <= summary["eval"][f"{label}.prm_best_of_2"] <= summary["eval"][f"{label}.pass@2"]
   assert summary["collect"]["responses"] == 16            # 8 prompts x 2 responses
   assert summary["prm"]["steps"] == 5
+  # Also measured on every response of the held-out prompts, selected or not.
+  assert summary["prm"]["responses/rows"] >= summary["prm"]["eval_rows"]
+  assert {"responses/auroc", "responses_position/auroc"} <= set(summary["prm"])
   assert "after.pass@1" in stdout                         # the printed summary table
 
 

@@ -12,12 +12,14 @@ import pytest
 
 from psgpo_jax import batching
 from psgpo_jax.data import synthetic, synthetic_corpus
-from psgpo_jax.lines import split_lines
+from psgpo_jax.lines import is_trivial_line, split_lines
 from psgpo_jax.models import CausalLM, ModelConfig, ScalarModel, init_params
 from psgpo_jax.prm import batches as prm_batches
 from psgpo_jax.prm import metrics as prm_metrics_lib
 from psgpo_jax.prm import scoring as prm_scoring
 from psgpo_jax.prm import train as prm
+from psgpo_jax.prm.baselines import position_scores
+from psgpo_jax.prm.search import label_lines
 from psgpo_jax.tokenization import line_spans, load_tokenizer
 from oracle_rows import oracle_rows
 from tolerances import ADAM_EPS, adam_param_atol
@@ -228,6 +230,40 @@ def test_train_prm_learns_oracle_labels_on_the_synthetic_suite(tokenizer, tmp_pa
   assert set(params) == {"model", "score"}
 
 
+def test_train_prm_measures_every_response_of_the_held_out_prompts(tokenizer, tmp_path):
+  # Trained on failed responses only (as `revised` selects), the PRM is also scored on
+  # every response of the held-out prompts, passing references included: the rows RL's
+  # dense rewards score, split by prompt as its own held-out rows are.
+  problems = synthetic.make_split(0, 24, range(3, 7))
+  failed = [dict(r, passed=False) for r in oracle_rows(problems, 2)]
+  passing = [{"problem_id": p.id, "prompt": p.prompt, "response": p.reference,
+              "passed": True, "oracle_first_bad": None,
+              "line_labels": label_lines([is_trivial_line(l)
+                                          for l in split_lines(p.reference)], None)}
+             for p in problems]
+  cfg = ModelConfig(vocab_size=len(tokenizer), **TINY)
+  policy = init_params(CausalLM(cfg), jax.random.PRNGKey(0))
+  config = prm.PRMTrainConfig(steps=4, batch_size=8, learning_rate=2e-3, max_len=256,
+                              eval_fraction=0.25, warmup_steps=1)
+  params, metrics = prm.train_prm(policy, cfg, tokenizer, failed, config, str(tmp_path),
+                                  pad_id=tokenizer.pad_token_id, show_progress=False,
+                                  all_rows=failed + passing)
+  train_all, held_all = prm.split_by_prompt(failed + passing, 0.25, 0)
+  _, held_failed = prm.split_by_prompt(failed, 0.25, 0)
+  assert metrics["eval_rows"] == len(held_failed)
+  assert metrics["responses/rows"] == len(held_all) > len(held_failed)
+  assert metrics["responses/passing_share"] == pytest.approx(
+      np.mean([r["passed"] for r in held_all])) and metrics["responses/passing_share"] > 0
+  scored = prm_metrics_lib.evaluate_prm(params, cfg, tokenizer, held_all, 256, 8,
+                                        tokenizer.pad_token_id)
+  position = prm_metrics_lib.prm_metrics(
+      held_all, position_scores(train_all, held_all))
+  for key in prm.QUALITY:
+    assert metrics[f"responses/{key}"] == pytest.approx(scored[key]), key
+    assert metrics[f"responses_position/{key}"] == pytest.approx(position[key]), key
+  assert metrics["responses/auroc"] != pytest.approx(metrics["auroc"])
+
+
 def test_train_prm_on_a_mesh_matches_single_device(tokenizer, tmp_path):
   from psgpo_jax import sharding
   rows = oracle_rows(synthetic.make_split(2, 10, range(3, 6)), 1)
@@ -268,7 +304,7 @@ def test_train_batches_are_full_and_cover_every_example():
 
 
 def test_position_baseline_scores_each_line_by_its_index_mean():
-  from psgpo_jax.prm.baselines import position_means, position_scores  # pylint: disable=import-outside-toplevel
+  from psgpo_jax.prm.baselines import position_means  # pylint: disable=import-outside-toplevel
   train = [{"line_labels": [1, 1, -1]}, {"line_labels": [1, -1]}, {"line_labels": [1, 0, 1, -1]}]
   assert position_means(train) == pytest.approx([1.0, 0.0, 0.0, -1.0])
   assert position_scores(train, [{"line_labels": [1, 1, 1, 1, 1]}, {"line_labels": []}]) == \

@@ -226,8 +226,8 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
               rows: Sequence[Row], config: PRMTrainConfig, out_dir: str, pad_id: int,
               seed: int = 0, mesh: Any = None, writer: Any = None,
               show_progress: bool = True, rules: Optional[Mapping[str, Any]] = None,
-              checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0
-              ) -> Tuple[Any, Dict[str, Any]]:
+              checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
+              all_rows: Optional[Sequence[Row]] = None) -> Tuple[Any, Dict[str, Any]]:
   """Trains a PRM on labeled rows; writes `metrics.json` and `calibration.png`.
 
   Args:
@@ -247,10 +247,14 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     checkpoint_dir, checkpoint_every: with both, the training state is saved every
       `checkpoint_every` steps and a run started again resumes from the latest complete
       one (`checkpointing.resume_or_start`), with the batches an uninterrupted run sees.
+    all_rows: optional labeled rows of every response, selected or not
+      (`shards.load_labels(selected_only=False)`): the trained PRM is also measured on
+      the held-out prompts' ones (`responses_metrics`).
   Returns:
     (PRM params, metrics): held-out metrics before (`init/...`) and after training,
     those of the position-only predictor on the same rows (`position/...`),
-    the last training metrics (`train/...`), counts and seconds.
+    the last training metrics (`train/...`), with `all_rows` the `responses/...` and
+    `responses_position/...` metrics, counts and seconds.
   """
   from psgpo_jax.prm.select import balance_lines  # pylint: disable=import-outside-toplevel
   start = time.time()
@@ -291,6 +295,9 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
   position = (prm_metrics(eval_rows, position_scores(train_rows, eval_rows), threshold=0.0)
               if eval_rows else {})      # the trivial predictor: line position alone
   result = _result(before, after, position, train_metrics, train_eval)
+  if all_rows is not None:
+    result.update(responses_metrics(params, model_cfg, tokenizer, all_rows, config, pad_id,
+                                    seed, score_fn))
   result.update(train_rows=len(train_rows), eval_rows=len(eval_rows),
                 train_examples=len(examples), steps=config.steps, loss_type=config.loss,
                 seconds=time.time() - start)
@@ -304,6 +311,37 @@ def train_prm(policy_params: Any, model_cfg: ModelConfig, tokenizer: Any,
     _write_json(os.path.join(out_dir, "metrics.json"),
                 {**result, "calibration": after.get("calibration", [])})
   return params, result
+
+
+def responses_metrics(params: Any, model_cfg: ModelConfig, tokenizer: Any,
+                      all_rows: Sequence[Row], config: PRMTrainConfig, pad_id: int,
+                      seed: int = 0, score_fn: Optional[Callable] = None) -> Dict[str, Any]:
+  """The PRM and the position-only predictor on every labeled response of the held-out
+  prompts, selected for training or not: the distribution RL's dense rewards score.
+
+  A PRM trained on a narrow selection (`revised`: failed responses only) never sees a
+  passing response's last line, and its metrics on that selection's held-out rows do not
+  show how it scores the rest. The split is `split_by_prompt`'s (the same prompts are
+  held out whatever the selection); the position predictor is fitted on the training
+  prompts' responses.
+
+  Returns:
+    `responses/{auroc, line_accuracy, first_error_accuracy}`, the same under
+    `responses_position/`, `responses/rows` and `responses/passing_share`; {} when no
+    prompt is held out.
+  """
+  labeled = [r for r in all_rows if r.get("line_labels") is not None]
+  train_rows, eval_rows = split_by_prompt(labeled, config.eval_fraction, seed)
+  if not eval_rows:
+    return {}
+  scored = evaluate_prm(params, model_cfg, tokenizer, eval_rows, config.max_len,
+                        config.batch_size, pad_id, config.threshold, config.loss, score_fn)
+  position = prm_metrics(eval_rows, position_scores(train_rows, eval_rows), threshold=0.0)
+  out = {f"responses/{k}": scored[k] for k in QUALITY}
+  out.update({f"responses_position/{k}": position[k] for k in QUALITY})
+  out["responses/rows"] = len(eval_rows)
+  out["responses/passing_share"] = float(np.mean([bool(r.get("passed")) for r in eval_rows]))
+  return out
 
 
 def _write_json(path: str, value: Any) -> None:
