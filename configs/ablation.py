@@ -61,6 +61,11 @@ def get_config(arm: str = "both"):
     c.data.max_horizon = 12
     c.data.num_eval = 66
     c.collect.num_prompts = 768      # ~3000 labeled responses: the PRM beats line position
+    # The PRM learns from every labeled response, not only the failed ones with a
+    # recoverable prefix (`revised`): trained on those, it scored every response's last
+    # line about -1 and ranked all held-out responses below line position alone (AUROC
+    # 0.687 vs 0.766; trained on all: 0.867; docs/rl_tuning.md, round 10).
+    c.collect.selection = "all"
     # Long enough for the no-PRM setting to plateau on this harder mix (its held-out
     # pass@1 rose only 0.235 -> 0.27 in the first 60 steps); the learning curve every 20.
     c.rl.steps = 200

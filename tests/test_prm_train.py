@@ -94,6 +94,24 @@ def test_prm_metrics_first_error_localisation_and_oracle():
 # ----------------------------------------------------------------------------- loss
 
 
+def test_within_prompt_pick_counts_mixed_prompts_and_breaks_ties_at_random():
+  rows = [{"problem_id": "a", "passed": True}, {"problem_id": "a", "passed": False},
+          {"problem_id": "b", "passed": False}, {"problem_id": "b", "passed": True},
+          {"problem_id": "b", "passed": False},
+          {"problem_id": "c", "passed": True}, {"problem_id": "c", "passed": True}]
+  # a: the passing response's weakest line is the higher (picked); b: the passing one
+  # ties with a failing one (half a pick); c: all pass, left out.
+  scores = [[0.9, 0.2], [0.8, -0.5], [0.05], [0.1, 0.7, 0.5], [0.3, 0.1], [1.0], []]
+  out = prm_metrics_lib.within_prompt_pick(rows, scores)
+  assert out["pick_prompts"] == 2
+  assert out["pick_passing"] == pytest.approx((1.0 + 0.5) / 2)
+  assert out["pick_random"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+  # A response without line scores counts -1: below any scored one.
+  out = prm_metrics_lib.within_prompt_pick(rows[:2], [[-0.9], []])
+  assert out["pick_passing"] == 1.0
+  assert prm_metrics_lib.within_prompt_pick(rows[5:], scores[5:]) == {"pick_prompts": 0}
+
+
 def test_prm_objective_uses_only_masked_line_ends():
   outputs = jnp.array([[0.5, 9.0, -0.2, 3.0], [0.0, 0.3, 7.0, -1.0]])
   targets = jnp.array([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
@@ -261,6 +279,13 @@ def test_train_prm_measures_every_response_of_the_held_out_prompts(tokenizer, tm
   for key in prm.QUALITY:
     assert metrics[f"responses/{key}"] == pytest.approx(scored[key]), key
     assert metrics[f"responses_position/{key}"] == pytest.approx(position[key]), key
+  # Every held-out prompt has a passing reference and failed responses: all are mixed.
+  pick = prm_metrics_lib.within_prompt_pick(
+      held_all, prm_metrics_lib.line_scores(params, cfg, tokenizer, held_all, 256, 8,
+                                            tokenizer.pad_token_id))
+  assert metrics["responses/pick_prompts"] == len({r["problem_id"] for r in held_all})
+  assert metrics["responses/pick_passing"] == pytest.approx(pick["pick_passing"])
+  assert 0 < metrics["responses/pick_random"] < 1
   assert metrics["responses/auroc"] != pytest.approx(metrics["auroc"])
 
 

@@ -153,6 +153,37 @@ def prm_metrics(rows: Sequence[Row], scores: Sequence[Sequence[float]],
   return out
 
 
+def within_prompt_pick(rows: Sequence[Row], scores: Sequence[Sequence[float]]
+                       ) -> Dict[str, Any]:
+  """How often a PRM's pick among one prompt's responses passes, on the prompts whose
+  responses both pass and fail (on the others every pick is the same).
+
+  A response scores its weakest line, as in Best-of-K reranking
+  (`prm.scoring.response_scores`; no line scores: -1); the prompt's highest-scored
+  response is the pick, ties broken uniformly at random (`evaluation.best_of_k`).
+
+  Args:
+    rows: labeled rows (`problem_id`, `passed`).
+    scores: per row, its line scores.
+  Returns:
+    `pick_passing` (share of the mixed prompts where the pick passes), `pick_random`
+    (the expected share for a random pick), `pick_prompts` (how many mixed prompts).
+  """
+  from psgpo_jax.evaluation import best_of_k  # pylint: disable=import-outside-toplevel
+  groups: Dict[str, List[tuple]] = {}
+  for row, s in zip(rows, scores):
+    groups.setdefault(str(row["problem_id"]), []).append(
+        (bool(row.get("passed")), min(s) if len(s) else -1.0))
+  mixed = [g for g in groups.values() if 0 < sum(ok for ok, _ in g) < len(g)]
+  if not mixed:
+    return {"pick_prompts": 0}
+  picked = [best_of_k([np.array([ok for ok, _ in g])], len(g),
+                      [np.array([score for _, score in g])])[0] for g in mixed]
+  return {"pick_passing": float(np.mean(picked)),
+          "pick_random": float(np.mean([np.mean([ok for ok, _ in g]) for g in mixed])),
+          "pick_prompts": len(mixed)}
+
+
 def evaluate_prm(params: Any, model_cfg: ModelConfig, tokenizer: Any, rows: Sequence[Row],
                  max_len: int, batch_size: int, pad_id: int, threshold: float = 0.0,
                  loss: str = "mse", score_fn: Optional[Callable] = None) -> Dict[str, Any]:

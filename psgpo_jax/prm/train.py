@@ -28,7 +28,8 @@ from psgpo_jax.models import ModelConfig, ScalarModel, scalar_params_from_causal
 from psgpo_jax.prm.baselines import position_scores
 from psgpo_jax.prm.batches import BATCH_KEYS, Row, make_examples, train_batches
 from psgpo_jax.plots import plot_calibration
-from psgpo_jax.prm.metrics import evaluate_prm, prm_metrics
+from psgpo_jax.prm.metrics import (evaluate_prm, line_scores, prm_metrics,
+                                    within_prompt_pick)
 from psgpo_jax.prm.scoring import make_score_fn
 
 Array = jax.Array
@@ -326,19 +327,24 @@ def responses_metrics(params: Any, model_cfg: ModelConfig, tokenizer: Any,
   prompts' responses.
 
   Returns:
-    `responses/{auroc, line_accuracy, first_error_accuracy}`, the same under
-    `responses_position/`, `responses/rows` and `responses/passing_share`; {} when no
-    prompt is held out.
+    `responses/{auroc, line_accuracy, first_error_accuracy}` and the pick among each
+    prompt's responses (`within_prompt_pick`: `pick_passing`, `pick_random`,
+    `pick_prompts`), the same under `responses_position/`, `responses/rows` and
+    `responses/passing_share`; {} when no prompt is held out.
   """
   labeled = [r for r in all_rows if r.get("line_labels") is not None]
   train_rows, eval_rows = split_by_prompt(labeled, config.eval_fraction, seed)
   if not eval_rows:
     return {}
-  scored = evaluate_prm(params, model_cfg, tokenizer, eval_rows, config.max_len,
-                        config.batch_size, pad_id, config.threshold, config.loss, score_fn)
-  position = prm_metrics(eval_rows, position_scores(train_rows, eval_rows), threshold=0.0)
-  out = {f"responses/{k}": scored[k] for k in QUALITY}
-  out.update({f"responses_position/{k}": position[k] for k in QUALITY})
+  prm_scores = line_scores(params, model_cfg, tokenizer, eval_rows, config.max_len,
+                           config.batch_size, pad_id, config.loss, score_fn)
+  by_position = position_scores(train_rows, eval_rows)
+  out = {}
+  for prefix, scores, threshold in (("responses/", prm_scores, config.threshold),
+                                    ("responses_position/", by_position, 0.0)):
+    quality = prm_metrics(eval_rows, scores, threshold)
+    out.update({f"{prefix}{k}": quality[k] for k in QUALITY})
+    out.update({f"{prefix}{k}": v for k, v in within_prompt_pick(eval_rows, scores).items()})
   out["responses/rows"] = len(eval_rows)
   out["responses/passing_share"] = float(np.mean([bool(r.get("passed")) for r in eval_rows]))
   return out
