@@ -250,7 +250,10 @@ def _prm_lines(collect, prm, agreement) -> List[str]:
          f"{prm.get('first_error_accuracy', float('nan')):.3f} against the binary-search "
          f"labels and {prm.get('oracle_first_error_accuracy', float('nan')):.3f} against the "
          f"suite's oracle; {prm.get('responses', 0)} held-out responses, "
-         f"{prm.get('lines', 0)} lines.",
+         f"{prm.get('lines', 0)} lines (line position alone: line accuracy "
+         f"{prm.get('position/line_accuracy', float('nan')):.3f}, first-error accuracy "
+         f"{prm.get('position/first_error_accuracy', float('nan')):.3f}).",
+         *_pick_lines(prm),
          f"- Binary-search labels: {collect.get('responses', 0)} responses (pass rate "
          f"{collect.get('pass_rate', float('nan')):.3f}), "
          f"{collect.get('completions_per_response', float('nan')):.1f} completions per "
@@ -263,6 +266,20 @@ def _prm_lines(collect, prm, agreement) -> List[str]:
                + ", ".join(f"K={int(r['k'])}: {float(r['first_bad_agreement']):.3f}"
                            for r in agreement) + ".")
   return out + [""]
+
+
+def _pick_lines(prm) -> List[str]:
+  """The PRM's pick among each held-out prompt's responses (prm/metrics.within_prompt_pick),
+  the line credit dense rewards need: a score that also tells hard prompts from easy ones
+  can reach a high AUROC and still rank a prompt's own responses at random."""
+  prompts = int(prm.get("responses/pick_prompts", 0) or 0)
+  if not prompts:
+    return []
+  return [f"- Within a prompt: on the {prompts} held-out prompts whose responses both pass "
+          f"and fail, the response with the PRM's highest weakest-line score passes in "
+          f"{prm.get('responses/pick_passing', float('nan')):.3f} of them (line position "
+          f"alone {prm.get('responses_position/pick_passing', float('nan')):.3f}, a random "
+          f"pick {prm.get('responses/pick_random', float('nan')):.3f})."]
 
 
 def _monitor_lines(runs) -> List[str]:

@@ -204,3 +204,15 @@ def test_shared_outputs_are_recorded_once_and_restored_where_the_stages_did_not_
   (record_dir / "shared/prm/result.json").unlink()
   assert not records.restore_shared(str(record_dir), str(tmp_path / "other"))
   assert not (tmp_path / "other").exists()
+
+
+def test_report_gives_the_prms_pick_within_a_prompt_beside_its_baselines():
+  from experiments import ablation_report
+  prm = {"responses/pick_prompts": 34, "responses/pick_passing": 0.588,
+         "responses_position/pick_passing": 0.390, "responses/pick_random": 0.382}
+  (line,) = ablation_report._pick_lines(prm)  # pylint: disable=protected-access
+  assert "34 held-out prompts" in line
+  assert "passes in 0.588" in line and "alone 0.390" in line and "random pick 0.382" in line
+  # A PRM stage without mixed prompts (or from before the metric) has no such line.
+  assert ablation_report._pick_lines({"responses/pick_prompts": 0}) == []  # pylint: disable=protected-access
+  assert ablation_report._pick_lines({}) == []  # pylint: disable=protected-access
