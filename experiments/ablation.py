@@ -170,12 +170,12 @@ def main(argv) -> None:
   if not done:
     sys.exit(f"report: no planned run has a record in {record_dir}; run without "
              "--report_only to train them.")
-  missing = [p for p in plan if p not in done]
+  missing = [f"{s}/seed{k}" for s, k in plan if (s, k) not in done]
   if missing:
     print(f"report: {len(missing)} planned run(s) not recorded, left out: "
-          + ", ".join(f"{s}/seed{k}" for s, k in missing))
+          + ", ".join(missing))
   command = "python -m experiments.ablation " + shlex.join(sys.argv[1:])
-  path = write_report(*records.read_records(record_dir, plan), report_dir, command)
+  path = write_report(*records.read_records(record_dir, plan), report_dir, command, missing)
   print(f"report: {path}")
 
 

@@ -297,9 +297,10 @@ def _monitor_lines(runs) -> List[str]:
 
 
 def write_report(shared: Mapping[str, Any], runs: Mapping[str, Sequence[Dict[str, Any]]],
-                 out_dir: str, command: str) -> str:
+                 out_dir: str, command: str, left_out: Sequence[str] = ()) -> str:
   """Writes results.md (and its PNGs) from the shared stages' record and the finished
-  runs' records (experiments/ablation_records.py); returns its path."""
+  runs' records (experiments/ablation_records.py); returns its path. `left_out` names the
+  planned runs without a record ('<setting>/seed<k>'): the report says it is partial."""
   os.makedirs(out_dir, exist_ok=True)
   base_config, results = shared["config"], shared["results"]
   sft, collect, prm = results["sft"], results["collect"], _nan_for_null(results["prm"])
@@ -310,6 +311,10 @@ def write_report(shared: Mapping[str, Any], runs: Mapping[str, Sequence[Dict[str
            f"Produced by `{command}` (experiments/ablation.py). Every number below comes "
            "from the runs' records (experiments/ablation_records.py), committed next to "
            "this page; re-running the command rewrites it.\n"]
+  if left_out:
+    lines += [f"**A report so far**: {len(left_out)} planned run(s) have no record yet "
+              f"({', '.join(left_out)}); the command without `--report_only` trains them "
+              "and rewrites this page.\n"]
   lines += _setup_lines(base_config, sft, collect, prm, runs)
   lines += _setting_lines(table, runs)
   lines += _claim_lines(table, runs)

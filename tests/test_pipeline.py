@@ -269,6 +269,7 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
     assert row in report, row
   assert "Both together beat no PRM" in report
   assert "| SFT passes (of " in report          # pass@1 by the SFT policy's difficulty
+  assert "A report so far" not in report         # every planned run is in it
   for png in ("learning_curves.png", "best_of_k.png", "pass_by_horizon.png",
               "training_monitors.png"):
     assert (docs / png).stat().st_size > 1000, png
@@ -301,6 +302,7 @@ def test_ablation_script_trains_each_setting_and_writes_the_report(tiny_run, tmp
   assert not root.exists()
   report = (docs / "results.md").read_text()
   assert "| no PRM | 1 |" in report and "| dense reward only |" not in report
+  assert "**A report so far**: 1 planned run(s) have no record yet (dense/seed3)" in report
   # Resuming trains only what has no record: here nothing, so not even the shared stages.
   stdout = _run("experiments.ablation", "--config", "configs/ablation.py:tiny",
                 f"--workdir={root}", "--seeds=3", "--arms=none,both", "--variants=",
