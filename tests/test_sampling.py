@@ -12,9 +12,10 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from psgpo_jax import row_compaction, sampling
+from psgpo_jax import row_compaction, sampling_loop
 from psgpo_jax.batching import bucket_length
 from psgpo_jax.models import CausalLM, ModelConfig, init_params
+from psgpo_jax.models.feature_major import feature_major_decoding
 from psgpo_jax.sampling import generate
 from psgpo_jax.sampling_config import SamplingConfig
 from psgpo_jax.stop_strings import StopMatcher
@@ -413,11 +414,11 @@ def test_feature_major_and_batch_major_decoding_sample_the_same_rows(model, toke
           for layout in ("feature_major", "batch_major")}
   _assert_same(rows["feature_major"], rows["batch_major"])
   assert len(set(rows["batch_major"].finish_reason)) > 1        # ragged endings exercised
-  assert sampling.feature_major_decoding("auto", on_mesh=False, rows=16)
-  assert not sampling.feature_major_decoding("auto", on_mesh=False, rows=256)
-  assert not sampling.feature_major_decoding("auto", on_mesh=True, rows=16)
-  assert sampling.feature_major_decoding("feature_major", on_mesh=True, rows=256)
-  assert not sampling.feature_major_decoding("batch_major", on_mesh=False, rows=16)
+  assert feature_major_decoding("auto", on_mesh=False, rows=16)
+  assert not feature_major_decoding("auto", on_mesh=False, rows=256)
+  assert not feature_major_decoding("auto", on_mesh=True, rows=16)
+  assert feature_major_decoding("feature_major", on_mesh=True, rows=256)
+  assert not feature_major_decoding("batch_major", on_mesh=False, rows=16)
   with pytest.raises(ValueError, match="decode_layout='rows' must be one of"):
     BASE.replace(decode_layout="rows")
 
@@ -440,9 +441,9 @@ def test_deterministic_per_key_and_compiled_once_per_bucket(model, tokenizer):
   config = BASE
   first = generate(params, cfg, _prompts(tokenizer, [5, 9, 14], seed=13), jax.random.PRNGKey(3),
                    config, tokenizer)
-  key = next(k for k in sampling.TRACE_COUNTS if k[0] == cfg and k[1].max_new_tokens == M
+  key = next(k for k in sampling_loop.TRACE_COUNTS if k[0] == cfg and k[1].max_new_tokens == M
              and k[1].num_samples == 1 and not k[1].greedy and not k[1].use_stop)
-  traces = sampling.TRACE_COUNTS[key]
+  traces = sampling_loop.TRACE_COUNTS[key]
   again = generate(params, cfg, _prompts(tokenizer, [5, 9, 14], seed=13), jax.random.PRNGKey(3),
                    config, tokenizer)
   _assert_same(first, again)
@@ -453,7 +454,7 @@ def test_deterministic_per_key_and_compiled_once_per_bucket(model, tokenizer):
   other = generate(params, cfg, _prompts(tokenizer, [2, 16, 11, 7], seed=14),
                    jax.random.PRNGKey(4), config, tokenizer)
   assert not np.array_equal(other.tokens[:3], first.tokens)
-  assert sampling.TRACE_COUNTS[key] == traces          # same buckets: no new compilation
+  assert sampling_loop.TRACE_COUNTS[key] == traces          # same buckets: no new compilation
 
 
 def test_config_validation_and_from_dict():
