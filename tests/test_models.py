@@ -6,7 +6,7 @@ import pytest
 
 from psgpo_jax.models import (CausalLM, ModelConfig, ScalarModel, init_cache, init_params,
                               logical_axes, scalar_params_from_causal)
-from psgpo_jax.models.transformer import default_positions
+from psgpo_jax.models.transformer import default_positions, dot_product_attention
 
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
@@ -29,6 +29,31 @@ def test_left_padding_gives_same_logits_as_no_padding(tied, bias, kv_heads):
   for row, pad in enumerate(pads):
     alone = model.apply({"params": params}, tokens[row:row + 1, pad:])
     np.testing.assert_allclose(batched[row, pad:], alone[0], atol=1e-5)
+
+
+def _numpy_attention(q, k, v, mask):
+  """Softmax attention one (row, query, head) at a time: q [B, T, H, Dh], k, v [B, KV, S, Dh]."""
+  b, t, h, dh = q.shape
+  group = h // k.shape[1]
+  out = np.zeros_like(q)
+  for i, j, head in np.ndindex(b, t, h):
+    scores = k[i, head // group] @ q[i, j, head] / np.sqrt(dh)
+    scores = np.where(mask[i, j], scores, -np.inf)
+    weights = np.exp(scores - scores.max())
+    out[i, j, head] = (weights / weights.sum()) @ v[i, head // group]
+  return out
+
+
+@pytest.mark.parametrize("queries,kv_heads", [(1, 2), (1, 1), (3, 2)])
+def test_grouped_query_attention_matches_a_numpy_loop(queries, kv_heads):
+  """Both paths, one query per row (the decode step's own layout) and several."""
+  rng = np.random.RandomState(0)
+  q = rng.randn(3, queries, 4, 8).astype(np.float32)
+  k, v = (rng.randn(3, kv_heads, 7, 8).astype(np.float32) for _ in range(2))
+  mask = rng.rand(3, queries, 7) < 0.6
+  mask[..., 0] = True                                  # every query sees at least one slot
+  got = jax.jit(dot_product_attention, static_argnums=4)(q, k, v, mask, jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [4, 5])
