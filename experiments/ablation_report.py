@@ -145,14 +145,19 @@ def _setting_lines(table, runs) -> List[str]:
 
 def _claim_lines(table, runs) -> List[str]:
   with_curve = all(CURVE_METRIC in row["per_seed"] for row in table.values())
+  top_k = max(int(k.split("@")[1]) for k in table[next(iter(table))]["per_seed"]
+              if k.startswith("after.pass@"))
+  metrics = ("after.pass@1", CURVE_METRIC) + ((f"after.pass@{top_k}",) if top_k > 1 else ())
   out = ["## The paper's claims, here\n",
          "| claim | final pass@1: difference ± se | verdict | learning-curve pass@1: "
-         "difference ± se | verdict |", "|---|---|---|---|---|"]
+         "difference ± se | verdict |"
+         + (f" final pass@{top_k}: difference ± se | verdict |" if top_k > 1 else ""),
+         "|" + "---|" * (1 + 2 * len(metrics))]
   for text, a, b in CLAIMS:
     if a not in table or b not in table:
       continue
     cells = []
-    for metric in ("after.pass@1", CURVE_METRIC):
+    for metric in metrics:
       if metric == CURVE_METRIC and not with_curve:
         cells += ["-", "-"]
         continue
@@ -163,7 +168,9 @@ def _claim_lines(table, runs) -> List[str]:
              "errors (Welch), 'reversed' when it is below minus two, 'within noise' "
              "otherwise. The learning-curve pass@1 is the mean held-out pass@1 over the "
              "evaluations during RL (the area under the learning curve): how fast a "
-             "setting learns. The final pass@1 is where it ends.\n")
+             "setting learns. The final pass@1 is where it ends; the final pass@k of "
+             "the most samples, how many problems it still solves at all (what a "
+             "sharper policy can lose).\n")
   out.append("**Does the gain grow with the horizon?** Final pass@1 gain over no PRM per "
              "horizon, and the least-squares slope of gain on horizon (± its standard "
              "error from the seed variances):\n")

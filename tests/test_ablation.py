@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import ablation, ablation_stats
+from experiments import ablation, ablation_report, ablation_stats
 
 
 def test_run_plan_is_every_arm_times_seed_then_variants_once():
@@ -216,3 +216,21 @@ def test_report_gives_the_prms_pick_within_a_prompt_beside_its_baselines():
   # A PRM stage without mixed prompts (or from before the metric) has no such line.
   assert ablation_report._pick_lines({"responses/pick_prompts": 0}) == []  # pylint: disable=protected-access
   assert ablation_report._pick_lines({}) == []  # pylint: disable=protected-access
+
+
+def test_claims_table_compares_the_largest_pass_at_k_too():
+  """A sharper policy can win pass@1 and lose pass@16: the claims table says both."""
+  def run(pass1, pass16):
+    r = _run(pass1)
+    r["report"]["after"]["summary"]["all"]["pass@16"] = pass16
+    r["report"]["before"]["summary"]["all"]["pass@16"] = 0.6
+    return r
+  runs = {"none": [run(0.40, 0.80), run(0.42, 0.82), run(0.41, 0.81)],
+          "value": [run(0.48, 0.70), run(0.50, 0.72), run(0.49, 0.71)]}
+  lines = ablation_report._claim_lines(ablation_stats.setting_table(runs), runs)
+  assert "final pass@16: difference ± se" in lines[1]
+  row = next(line for line in lines if line.startswith("| PRM value initialisation helps"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1].startswith("+0.080") and cells[2] == "held"
+  assert cells[5].startswith("-0.100") and cells[6] == "reversed"
+  assert len(cells) == 7 and lines[2].count("---") == 7
