@@ -117,11 +117,16 @@ def _setup_lines(base_config, sft, collect, prm, runs) -> List[str]:
       f"{collect.get('seconds', 0):.0f} s, prm {prm.get('seconds', 0):.0f} s).\n"]
 
 
+def _pass_at_ks(table) -> List[int]:
+  """The k of every held-out pass@k after RL in the table, ascending: [1, 2, ..., 16]."""
+  return sorted({int(k.split("@")[1]) for k in table[next(iter(table))]["per_seed"]
+                 if k.startswith("after.pass@")})
+
+
 def _setting_lines(table, runs) -> List[str]:
-  ks = sorted({k.split("@")[1] for k in table[next(iter(table))]["per_seed"]
-               if k.startswith("after.pass@")}, key=int)
+  ks = _pass_at_ks(table)
   header = ("| setting | seeds | SFT pass@1 | learning-curve pass@1 | after RL pass@1 | "
-            + " | ".join(f"pass@{k}" for k in ks if k != "1")
+            + " | ".join(f"pass@{k}" for k in ks if k != 1)
             + " | greedy before | greedy after |")
   out = ["## Held-out pass@1 per setting (mean ± std over seeds)\n", header,
          "|" + "---|" * (header.count("|") - 1)]
@@ -129,7 +134,7 @@ def _setting_lines(table, runs) -> List[str]:
     curve = _fmt(row[CURVE_METRIC]) if CURVE_METRIC in row else "-"
     out.append(f"| {LABELS[setting]} | {row['n']} | {_fmt(row['before.pass@1'])} | "
                f"**{curve}** | **{_fmt(row['after.pass@1'])}** | "
-               + " | ".join(_fmt(row[f"after.pass@{k}"]) for k in ks if k != "1")
+               + " | ".join(_fmt(row[f"after.pass@{k}"]) for k in ks if k != 1)
                + f" | {_fmt(row['before.greedy_pass@1'])} | {_fmt(row['after.greedy_pass@1'])} |")
   curves = {s: curve_over_seeds(rows) for s, rows in runs.items()}
   steps = sorted(set().union(*[c.keys() for c in curves.values()]))
@@ -145,8 +150,7 @@ def _setting_lines(table, runs) -> List[str]:
 
 def _claim_lines(table, runs) -> List[str]:
   with_curve = all(CURVE_METRIC in row["per_seed"] for row in table.values())
-  top_k = max(int(k.split("@")[1]) for k in table[next(iter(table))]["per_seed"]
-              if k.startswith("after.pass@"))
+  top_k = _pass_at_ks(table)[-1]
   metrics = ("after.pass@1", CURVE_METRIC) + ((f"after.pass@{top_k}",) if top_k > 1 else ())
   out = ["## The paper's claims, here\n",
          "| claim | final pass@1: difference ± se | verdict | learning-curve pass@1: "

@@ -169,11 +169,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> A
   Returns:
     [B, T, H, Dh] in `dtype`.
   """
+  if q.shape[1] == 1:
+    return _one_query_attention(q, k, v, mask, dtype)
   b, t, h, dh = q.shape
   kv, s = k.shape[1], k.shape[2]
   g = h // kv
-  if t == 1:
-    return _one_query_attention(q, k, v, mask, dtype)
   q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
   scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(dtype),
                       preferred_element_type=jnp.float32) * (dh ** -0.5)
@@ -189,7 +189,8 @@ def _one_query_attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> Ar
   With the query group as the minor axis of the scores, both products are one
   [S, Dh] x [Dh, G] matrix per (row, kv head) with the cache as the big operand, which
   XLA's CPU kernels run faster than the [G, Dh] x [Dh, S] form of the general path
-  (about 10-15% of a decode step of the sampler benchmark's model at 64 rows).
+  (10-15% of a decode step of the sampler benchmark's model at 64 rows, measured
+  beside another job).
   Same math, to float rounding.
 
   Args:
